@@ -1,0 +1,50 @@
+"""histomim: masked image modeling for histopathology on the Hugging Face stack.
+
+Importing histomim registers its models with the transformers Auto classes, so
+`AutoModel.from_pretrained(path_or_repo)` returns a `HistoMIMModel` for a saved histomim encoder.
+Heavy optional packages (datasets, scikit-survival, slide readers) are imported where they are used.
+"""
+
+from .mim import (
+    HistoMIMConfig,
+    HistoMIMForImageClassification,
+    HistoMIMForPreTraining,
+    HistoMIMModel,
+    image_processor_for,
+)
+
+__version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModel,
+        AutoModelForImageClassification,
+        AutoModelForPreTraining,
+    )
+
+    AutoConfig.register("histomim", HistoMIMConfig, exist_ok=True)
+    AutoModel.register(HistoMIMConfig, HistoMIMModel, exist_ok=True)
+    AutoModelForPreTraining.register(HistoMIMConfig, HistoMIMForPreTraining, exist_ok=True)
+    AutoModelForImageClassification.register(HistoMIMConfig, HistoMIMForImageClassification, exist_ok=True)
+    processor_class = type(image_processor_for(HistoMIMConfig()))
+    AutoImageProcessor.register(HistoMIMConfig, slow_image_processor_class=processor_class, exist_ok=True)
+
+    # Saved models carry their code, so they also load with trust_remote_code=True without histomim.
+    HistoMIMConfig.register_for_auto_class("AutoConfig")
+    HistoMIMModel.register_for_auto_class("AutoModel")
+    HistoMIMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+    HistoMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+
+_register_auto_classes()
+
+__all__ = [
+    "HistoMIMConfig",
+    "HistoMIMModel",
+    "HistoMIMForPreTraining",
+    "HistoMIMForImageClassification",
+    "image_processor_for",
+]

@@ -1,0 +1,1 @@
+"""Slides -> tissue -> tiles -> datasets. Heavy readers (tiffslide, openslide, datasets) load lazily."""

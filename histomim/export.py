@@ -1,0 +1,172 @@
+"""Checkpoint adapters between histomim and transformers' ViT family.
+
+- `to_vit(model)`: a plain `transformers.ViTModel` (model_type "vit") with the same weights, for tools that
+  only know ViT (Phikon-style pipelines) and should load it without remote code.
+- `from_vit_mae(path)`: a `HistoMIMForPreTraining` initialised from a transformers `ViTMAEForPreTraining`
+  checkpoint, for continued (domain-adaptive) pretraining from natural-image MAE weights.
+
+Both directions share one table of block parameter names, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .mim.configuration_histomim import HistoMIMConfig
+from .mim.modeling_histomim import HistoMIMForPreTraining, HistoMIMModel
+
+# transformers renamed ViT's parameters in 5.x; both layouts are supported. histomim name -> transformers name.
+HF_LAYOUTS = {
+    "legacy": {  # e.g. encoder.layer.0.attention.attention.query.weight
+        "layers": "encoder.layer.",
+        "norm1": "layernorm_before", "norm2": "layernorm_after",
+        "q": "attention.attention.query", "k": "attention.attention.key", "v": "attention.attention.value",
+        "attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
+    },
+    "current": {  # e.g. layers.0.attention.q_proj.weight
+        "layers": "layers.",
+        "norm1": "layernorm_before", "norm2": "layernorm_after",
+        "q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+        "attn.proj": "attention.o_proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+    },
+}
+RENAMED = ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def hf_layout(state_keys) -> dict:
+    """The naming layout of a transformers ViT-family state dict."""
+    return HF_LAYOUTS["current" if any(".q_proj." in key for key in state_keys) else "legacy"]
+
+
+def hf_blocks_to_histomim(state: dict, layout: dict, src: str, dst: str, depth: int) -> dict:
+    """Map `depth` transformers ViT layers under prefix `src` to histomim blocks under `dst` (q, k, v fused)."""
+    out = {}
+    for i in range(depth):
+        s, d = f"{src}{i}.", f"{dst}{i}."
+        for kind in ("weight", "bias"):
+            for name in RENAMED:
+                out[f"{d}{name}.{kind}"] = state[f"{s}{layout[name]}.{kind}"]
+            if f"{s}{layout['q']}.{kind}" in state:  # the qkv bias is optional
+                out[f"{d}attn.qkv.{kind}"] = torch.cat([state[f"{s}{layout[n]}.{kind}"] for n in "qkv"], dim=0)
+    return out
+
+
+def histomim_blocks_to_hf(state: dict, layout: dict, src: str, dst: str, depth: int) -> dict:
+    """Inverse of `hf_blocks_to_histomim`: split qkv, rename the rest."""
+    out = {}
+    for i in range(depth):
+        s, d = f"{src}{i}.", f"{dst}{i}."
+        for kind in ("weight", "bias"):
+            for name in RENAMED:
+                out[f"{d}{layout[name]}.{kind}"] = state[f"{s}{name}.{kind}"]
+            if f"{s}attn.qkv.{kind}" in state:
+                for n, part in zip("qkv", state[f"{s}attn.qkv.{kind}"].chunk(3, dim=0)):
+                    out[f"{d}{layout[n]}.{kind}"] = part
+    return out
+
+
+def to_vit(model) -> "transformers.ViTModel":  # noqa: F821
+    """Export a histomim encoder (or a model containing one) as a plain `transformers.ViTModel`.
+
+    The ViT has no pooling layer: take `last_hidden_state[:, 0]` (CLS) as the tile embedding. Register
+    tokens and LayerScale have no ViT equivalent and are refused rather than silently dropped.
+    """
+    from transformers import ViTConfig, ViTModel
+
+    encoder: HistoMIMModel = model if isinstance(model, HistoMIMModel) else model.histomim
+    config: HistoMIMConfig = encoder.config
+    if config.num_register_tokens or config.layerscale_init is not None:
+        raise ValueError("to_vit: register tokens and LayerScale have no transformers ViT equivalent")
+
+    vit_config = ViTConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+        qkv_bias=config.qkv_bias,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    vit = ViTModel(vit_config, add_pooling_layer=False)
+    layout = hf_layout(vit.state_dict())
+    state = encoder.state_dict()
+    mapped = {
+        "embeddings.cls_token": state["embeddings.cls_token"],
+        "embeddings.position_embeddings": state["embeddings.position_embeddings"],
+        "embeddings.patch_embeddings.projection.weight": state["embeddings.patch_embed.weight"],
+        "embeddings.patch_embeddings.projection.bias": state["embeddings.patch_embed.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
+        **histomim_blocks_to_hf(state, layout, "blocks.", layout["layers"], config.num_hidden_layers),
+    }
+    missing, unexpected = vit.load_state_dict(mapped, strict=False)
+    missing = [k for k in missing if k != "embeddings.mask_token"]
+    if missing or unexpected:
+        raise RuntimeError(f"to_vit: weight mapping incomplete (missing {missing}, unexpected {unexpected})")
+    return vit.eval()
+
+
+def from_vit_mae(path_or_model, **config_overrides) -> HistoMIMForPreTraining:
+    """Build a `HistoMIMForPreTraining` (MAE) from a transformers `ViTMAEForPreTraining` directory or model.
+
+    The encoder, decoder and fixed position embeddings are copied exactly, so with the same noise the
+    two models compute the same loss. `config_overrides` (e.g. `mask_ratio`, `norm_pix_loss`) apply on top.
+    """
+    from transformers import ViTMAEForPreTraining
+
+    if isinstance(path_or_model, (str, Path)):
+        if not Path(path_or_model).is_dir():
+            raise FileNotFoundError(f"from_vit_mae: no checkpoint directory at {path_or_model}")
+        source = ViTMAEForPreTraining.from_pretrained(path_or_model)
+    else:
+        source = path_or_model
+    src = source.config
+    if src.model_type != "vit_mae":
+        raise ValueError(f"from_vit_mae expects a vit_mae checkpoint, got model_type {src.model_type!r}")
+
+    settings = dict(
+        image_size=src.image_size, patch_size=src.patch_size, num_channels=src.num_channels,
+        hidden_size=src.hidden_size, num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads, intermediate_size=src.intermediate_size,
+        qkv_bias=src.qkv_bias, hidden_act=src.hidden_act, layer_norm_eps=src.layer_norm_eps,
+        decoder_hidden_size=src.decoder_hidden_size, decoder_num_hidden_layers=src.decoder_num_hidden_layers,
+        decoder_num_attention_heads=src.decoder_num_attention_heads,
+        decoder_intermediate_size=src.decoder_intermediate_size, mask_ratio=src.mask_ratio,
+        norm_pix_loss=src.norm_pix_loss, initializer_range=src.initializer_range,
+        objective="mae", position_embedding="sincos", pooling="cls",
+    )
+    settings.update(config_overrides)
+    model = HistoMIMForPreTraining(HistoMIMConfig(**settings))
+
+    state = source.state_dict()
+    layout = hf_layout(state)
+    mapped = {
+        "histomim.embeddings.cls_token": state["vit.embeddings.cls_token"],
+        "histomim.embeddings.position_embeddings": state["vit.embeddings.position_embeddings"],
+        "histomim.embeddings.patch_embed.weight": state["vit.embeddings.patch_embeddings.projection.weight"],
+        "histomim.embeddings.patch_embed.bias": state["vit.embeddings.patch_embeddings.projection.bias"],
+        "histomim.norm.weight": state["vit.layernorm.weight"],
+        "histomim.norm.bias": state["vit.layernorm.bias"],
+        "decoder.embed.weight": state["decoder.decoder_embed.weight"],
+        "decoder.embed.bias": state["decoder.decoder_embed.bias"],
+        "decoder.mask_token": state["decoder.mask_token"],
+        "decoder.position_embeddings": state["decoder.decoder_pos_embed"],
+        "decoder.norm.weight": state["decoder.decoder_norm.weight"],
+        "decoder.norm.bias": state["decoder.decoder_norm.bias"],
+        "decoder.pred.weight": state["decoder.decoder_pred.weight"],
+        "decoder.pred.bias": state["decoder.decoder_pred.bias"],
+        **hf_blocks_to_histomim(state, layout, "vit." + layout["layers"], "histomim.blocks.", src.num_hidden_layers),
+        **hf_blocks_to_histomim(state, layout, "decoder.decoder_layers.", "decoder.blocks.", src.decoder_num_hidden_layers),
+    }
+    model.load_state_dict(mapped, strict=True)
+    return model
+
+
+__all__ = ["to_vit", "from_vit_mae", "hf_blocks_to_histomim", "histomim_blocks_to_hf"]

@@ -1,0 +1,24 @@
+"""The HistoMIM encoder family: configuration, models, masking and the image processor."""
+
+from .configuration_histomim import HistoMIMConfig
+from .image_processing_histomim import image_processor_for
+from .masking import block_random_mask, random_masking
+from .modeling_histomim import (
+    HistoMIMForImageClassification,
+    HistoMIMForPreTraining,
+    HistoMIMForPreTrainingOutput,
+    HistoMIMModel,
+    HistoMIMPreTrainedModel,
+)
+
+__all__ = [
+    "HistoMIMConfig",
+    "HistoMIMModel",
+    "HistoMIMForPreTraining",
+    "HistoMIMForPreTrainingOutput",
+    "HistoMIMForImageClassification",
+    "HistoMIMPreTrainedModel",
+    "image_processor_for",
+    "random_masking",
+    "block_random_mask",
+]

@@ -1,0 +1,153 @@
+"""HistoMIM configuration: a ViT encoder, its masked-image-modeling objective and histology metadata."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+OBJECTIVES = ("mae", "simmim")
+POOLINGS = ("cls", "mean", "cls+mean")
+POSITION_EMBEDDINGS = ("sincos", "learned")
+
+# ImageNet statistics: the usual choice when starting from natural-image weights.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Every saved model names all its classes, so any Auto class loads it with trust_remote_code=True
+# where histomim is not installed (the code files travel with the weights).
+AUTO_MAP = {
+    "AutoConfig": "configuration_histomim.HistoMIMConfig",
+    "AutoModel": "modeling_histomim.HistoMIMModel",
+    "AutoModelForPreTraining": "modeling_histomim.HistoMIMForPreTraining",
+    "AutoModelForImageClassification": "modeling_histomim.HistoMIMForImageClassification",
+}
+
+
+class HistoMIMConfig(PretrainedConfig):
+    r"""Configuration of a HistoMIM ViT encoder and its pretraining objective.
+
+    Encoder: `image_size`, `patch_size`, `num_channels`, `hidden_size`, `num_hidden_layers`,
+    `num_attention_heads`, `intermediate_size` (defaults to `mlp_ratio * hidden_size`), `qkv_bias`,
+    `hidden_act`, `layer_norm_eps`, `drop_path_rate`, `layerscale_init` (None disables LayerScale),
+    `num_register_tokens`, `position_embedding` (`"sincos"` fixed 2-D or `"learned"`), `pooling`
+    (`"cls"`, `"mean"` over patch tokens, or `"cls+mean"` concatenated).
+
+    Objective: `objective` (`"mae"` or `"simmim"`), `mask_ratio` in (0, 1), `mask_patch_size` (the
+    masking granularity; a multiple of `patch_size`, e.g. 32 for SimMIM), MAE decoder sizes and
+    `norm_pix_loss` (per-patch normalized targets).
+
+    Histology metadata shown on model cards and used by the image processor: `target_mpp`
+    (microns per pixel of the training tiles), `magnification`, `image_mean`, `image_std`.
+    """
+
+    model_type = "histomim"
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        num_channels: int = 3,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int | None = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        hidden_act: str = "gelu",
+        layer_norm_eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        layerscale_init: float | None = None,
+        num_register_tokens: int = 0,
+        position_embedding: str = "sincos",
+        pooling: str = "cls",
+        objective: str = "mae",
+        mask_ratio: float = 0.75,
+        mask_patch_size: int | None = None,
+        decoder_hidden_size: int = 512,
+        decoder_num_hidden_layers: int = 8,
+        decoder_num_attention_heads: int = 16,
+        decoder_intermediate_size: int | None = None,
+        norm_pix_loss: bool = True,
+        initializer_range: float = 0.02,
+        target_mpp: float | None = 0.5,
+        magnification: float | None = 20.0,
+        image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN,
+        image_std: list[float] | tuple[float, ...] = IMAGENET_STD,
+        **kwargs,
+    ):
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size or int(round(mlp_ratio * hidden_size))
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.hidden_act = hidden_act
+        self.layer_norm_eps = layer_norm_eps
+        self.drop_path_rate = drop_path_rate
+        self.layerscale_init = layerscale_init
+        self.num_register_tokens = num_register_tokens
+        self.position_embedding = position_embedding
+        self.pooling = pooling
+        self.objective = objective
+        self.mask_ratio = mask_ratio
+        # MAE masks whole ViT patches; SimMIM conventionally masks 32 px blocks.
+        self.mask_patch_size = mask_patch_size or (32 if objective == "simmim" and image_size % 32 == 0 else patch_size)
+        self.decoder_hidden_size = decoder_hidden_size
+        self.decoder_num_hidden_layers = decoder_num_hidden_layers
+        self.decoder_num_attention_heads = decoder_num_attention_heads
+        self.decoder_intermediate_size = decoder_intermediate_size or int(round(mlp_ratio * decoder_hidden_size))
+        self.norm_pix_loss = norm_pix_loss
+        self.initializer_range = initializer_range
+        self.target_mpp = target_mpp
+        self.magnification = magnification
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Reject settings that would only fail later, deep inside a forward pass."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+        if not 0.0 < float(self.mask_ratio) < 1.0:
+            raise ValueError(f"mask_ratio must lie in the open interval (0, 1), got {self.mask_ratio}")
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(f"image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+        if self.mask_patch_size % self.patch_size != 0 or self.image_size % self.mask_patch_size != 0:
+            raise ValueError(
+                f"mask_patch_size ({self.mask_patch_size}) must be a multiple of patch_size ({self.patch_size}) "
+                f"and divide image_size ({self.image_size})"
+            )
+        for name, width, heads in (
+            ("hidden_size", self.hidden_size, self.num_attention_heads),
+            ("decoder_hidden_size", self.decoder_hidden_size, self.decoder_num_attention_heads),
+        ):
+            if width % heads != 0:
+                raise ValueError(f"{name} ({width}) must be divisible by its number of attention heads ({heads})")
+        if self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
+            raise ValueError(f"image_mean and image_std need num_channels ({self.num_channels}) values each")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """CLS plus register tokens, which sit before the patch tokens in every sequence."""
+        return 1 + self.num_register_tokens
+
+    @property
+    def pooled_size(self) -> int:
+        return 2 * self.hidden_size if self.pooling == "cls+mean" else self.hidden_size
+
+
+__all__ = ["HistoMIMConfig"]

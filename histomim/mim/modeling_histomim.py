@@ -1,0 +1,592 @@
+"""HistoMIM: a ViT encoder for histology with MAE and SimMIM pretraining, as transformers models.
+
+Read top to bottom: position embeddings -> patch embedding -> attention/MLP/block -> encoder ->
+`HistoMIMModel` (what `AutoModel` returns; never masks unless asked) -> MAE decoder ->
+`HistoMIMForPreTraining` (masking + objective) -> `HistoMIMForImageClassification`.
+
+Imports of sibling files are relative on purpose: a saved model carries these files and loads with
+`trust_remote_code=True` where histomim itself is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_histomim import HistoMIMConfig
+from .masking import block_random_mask, num_visible_patches, random_masking
+
+
+# --------------------------------------------------------------------------- position embeddings
+
+
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) positions -> (N, dim) as [sin | cos] over dim/2 geometric frequencies."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
+    angles = positions.double()[:, None] * omega[None, :]  # (N, dim/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d_position_embedding(grid_size: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos embedding for a square patch grid, with a zero row for the CLS token.
+
+    Layout per patch: [sin_w | cos_w | sin_h | cos_h] (column first), the layout of the original MAE
+    weights, so embeddings imported from facebookresearch/mae or transformers' ViTMAE are identical.
+
+    Returns: (1 + grid_size**2, dim) float32
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position embeddings need a hidden size divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    patch_embed = torch.cat([sincos_1d(cols.flatten(), dim // 2), sincos_1d(rows.flatten(), dim // 2)], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patch_embed]).float()  # (1 + L, D)
+
+
+def resize_position_embedding(patch_pos: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Bicubically resize (1, L, D) patch position embeddings of a square grid to `grid_hw` (as ViT does)."""
+    old = int(math.sqrt(patch_pos.shape[1]))
+    if (old, old) == grid_hw:
+        return patch_pos
+    dim = patch_pos.shape[-1]
+    grid = patch_pos.reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, old, old)
+    grid = F.interpolate(grid.float(), size=grid_hw, mode="bicubic", align_corners=False).to(patch_pos.dtype)
+    return grid.permute(0, 2, 3, 1).reshape(1, grid_hw[0] * grid_hw[1], dim)  # (1, h*w, D)
+
+
+# --------------------------------------------------------------------------- pixels <-> patches
+
+
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, p*p*C), patch pixels ordered (row, col, channel) as in MAE."""
+    batch, channels, height, width = pixel_values.shape
+    h, w = height // patch_size, width // patch_size
+    x = pixel_values.reshape(batch, channels, h, patch_size, w, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, h * w, patch_size * patch_size * channels)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, image_hw: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """(B, L, p*p*C) -> (B, C, H, W); the inverse of `patchify`."""
+    batch = patches.shape[0]
+    h, w = image_hw[0] // patch_size, image_hw[1] // patch_size
+    x = patches.reshape(batch, h, w, patch_size, patch_size, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, h * patch_size, w * patch_size)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+class HistoMIMEmbeddings(nn.Module):
+    """Patch embedding + CLS/register tokens + position embeddings (+ a mask token for SimMIM).
+
+    Position embeddings cover CLS and patches; register tokens carry none (as in DINOv2 with registers).
+    """
+
+    def __init__(self, config: HistoMIMConfig):
+        super().__init__()
+        self.config = config
+        self.patch_size = config.patch_size
+        self.patch_embed = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
+            if config.num_register_tokens
+            else None
+        )
+        # SimMIM replaces masked patch embeddings by a learned token; MAE drops them instead,
+        # so an MAE model has no unused parameter (which DistributedDataParallel would reject).
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.objective == "simmim" else None
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, 1 + config.num_patches, config.hidden_size),
+            requires_grad=config.position_embedding == "learned",
+        )
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
+        if pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
+        channels, height, width = pixel_values.shape[1:]
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels but the model expects num_channels={self.config.num_channels}"
+            )
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"pixel_values size {height}x{width} is not divisible by patch_size={self.patch_size}"
+            )
+        if not interpolate_pos_encoding and (height, width) != (self.config.image_size,) * 2:
+            raise ValueError(
+                f"pixel_values size {height}x{width} differs from image_size={self.config.image_size}; "
+                "pass interpolate_pos_encoding=True to run at another size"
+            )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        batch, _, height, width = pixel_values.shape
+        grid_hw = (height // self.patch_size, width // self.patch_size)
+
+        patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, h, w)
+        patches = patches.flatten(2).transpose(1, 2)  # (B, L, D)
+        position = self.position_embeddings
+        patch_position = resize_position_embedding(position[:, 1:], grid_hw) if interpolate_pos_encoding else position[:, 1:]
+
+        if bool_masked_pos is not None and self.mask_token is not None:
+            # SimMIM: masked patches become the mask token, before position embeddings are added
+            masked = bool_masked_pos.unsqueeze(-1).to(patches.dtype)  # (B, L, 1)
+            patches = patches * (1 - masked) + self.mask_token.to(patches.dtype) * masked
+        patches = patches + patch_position  # (B, L, D)
+
+        if ids_keep is None and bool_masked_pos is not None and self.mask_token is None:
+            ids_keep = visible_indices(bool_masked_pos)
+        if ids_keep is not None:
+            # MAE: the encoder only sees the visible patches
+            patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, K, D)
+
+        prefix = [(self.cls_token + position[:, :1]).expand(batch, -1, -1)]  # (B, 1, D)
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(batch, -1, -1))  # (B, R, D)
+        return torch.cat(prefix + [patches], dim=1)  # (B, 1 + R + K, D)
+
+
+def visible_indices(bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool mask -> (B, K) indices of visible patches in image order; K must be equal across the batch."""
+    num_visible = (~bool_masked_pos).sum(dim=1)
+    if not torch.all(num_visible == num_visible[0]):
+        raise ValueError("bool_masked_pos must mask the same number of patches in every sample for an MAE encoder")
+    order = torch.argsort(bool_masked_pos.to(torch.int8), dim=1, stable=True)  # visible first, in image order
+    return order[:, : int(num_visible[0])]
+
+
+class HistoMIMAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection and SDPA (flash kernels on GPU)."""
+
+    def __init__(self, config: HistoMIMConfig, dim: int, num_heads: int):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        if self.config._attn_implementation == "eager":
+            weights = (query @ key.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, N, N)
+            context = weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype) @ value
+        else:
+            context = F.scaled_dot_product_attention(query, key, value)  # (B, heads, N, head_dim)
+        return self.proj(context.transpose(1, 2).reshape(batch, length, dim))
+
+
+class HistoMIMMLP(nn.Module):
+    def __init__(self, config: HistoMIMConfig, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling (CaiT); the identity when `layerscale_init` is None."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability `drop_prob` while training."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        return hidden_states * hidden_states.new_empty(shape).bernoulli_(keep) / keep
+
+
+class HistoMIMBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: HistoMIMConfig, dim: int, num_heads: int, mlp_dim: int, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = HistoMIMAttention(config, dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = HistoMIMMLP(config, dim, mlp_dim)
+        use_layerscale = config.layerscale_init is not None
+        self.ls1 = LayerScale(dim, config.layerscale_init) if use_layerscale else nn.Identity()
+        self.ls2 = LayerScale(dim, config.layerscale_init) if use_layerscale else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.drop_path(self.ls1(self.attn(self.norm1(hidden_states))))
+        return hidden_states + self.drop_path(self.ls2(self.mlp(self.norm2(hidden_states))))
+
+
+def make_blocks(config: HistoMIMConfig, depth: int, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float):
+    """`depth` blocks with stochastic depth rising linearly from 0 to `drop_path_rate`."""
+    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+    return nn.ModuleList(HistoMIMBlock(config, dim, num_heads, mlp_dim, rate) for rate in rates)
+
+
+# --------------------------------------------------------------------------- pretrained-model base
+
+
+class HistoMIMPreTrainedModel(PreTrainedModel):
+    config_class = HistoMIMConfig
+    base_model_prefix = "histomim"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HistoMIMEmbeddings", "HistoMIMBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """MAE initialisation: xavier-uniform linears, N(0, 0.02) tokens, fixed sin-cos positions."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, LayerScale):
+            init.constant_(module.gamma, module.init_value)
+        elif isinstance(module, HistoMIMEmbeddings):
+            weight = module.patch_embed.weight
+            init.xavier_uniform_(weight.view(weight.shape[0], -1))  # like a Linear over flattened patches
+            init.zeros_(module.patch_embed.bias)
+            for token in (module.cls_token, module.register_tokens, module.mask_token):
+                if token is not None:
+                    init.normal_(token, std=std)
+            if self.config.position_embedding == "sincos":
+                grid = self.config.image_size // self.config.patch_size
+                init.copy_(module.position_embeddings, sincos_2d_position_embedding(grid, self.config.hidden_size)[None])
+            else:
+                init.trunc_normal_(module.position_embeddings, std=std)
+        elif isinstance(module, HistoMIMDecoder):
+            init.normal_(module.mask_token, std=std)
+            grid = self.config.image_size // self.config.patch_size
+            init.copy_(module.position_embeddings, sincos_2d_position_embedding(grid, self.config.decoder_hidden_size)[None])
+
+
+@dataclass
+class HistoMIMForPreTrainingOutput(ModelOutput):
+    """
+    loss: the objective's loss on masked patches only.
+    logits: (B, L, p*p*C) per-patch predictions in target space (normalized per patch when norm_pix_loss).
+    reconstruction: (B, C, H, W) predicted image in the input's pixel space (visible patches are predicted too).
+    mask: (B, L) float, 1 = masked, in image order; `model.unpatchify` turns (B, L, k) patch tensors into images.
+    ids_restore: (B, L) MAE's unshuffle permutation (None for SimMIM).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    ids_restore: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------- the encoder (AutoModel)
+
+
+class HistoMIMModel(HistoMIMPreTrainedModel):
+    """ViT encoder. Sees the whole image unless the caller passes `bool_masked_pos`
+    (SimMIM models replace masked patches by the mask token; MAE models drop them)."""
+
+    def __init__(self, config: HistoMIMConfig):
+        super().__init__(config)
+        self.embeddings = HistoMIMEmbeddings(config)
+        self.blocks = make_blocks(
+            config, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.intermediate_size, config.drop_path_rate,
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embed
+
+    def pool(self, sequence: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) normalized tokens -> (B, D) or (B, 2D) per `config.pooling`."""
+        cls = sequence[:, 0]  # (B, D)
+        mean = sequence[:, self.config.num_prefix_tokens :].mean(dim=1)  # (B, D)
+        return {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean], dim=-1)}[self.config.pooling]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        pixel_values: (B, C, H, W) normalized images.
+        bool_masked_pos: optional (B, L) bool, True = masked patch.
+        ids_keep: optional (B, K) indices of visible patches (MAE models); avoids the host sync of deriving
+            them from `bool_masked_pos`.
+        """
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        hidden_states = self.embeddings(pixel_values, bool_masked_pos, ids_keep, interpolate_pos_encoding)  # (B, N, D)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        sequence = self.norm(hidden_states)  # (B, N, D)
+        pooled = self.pool(sequence)
+
+        if not return_dict:
+            return tuple(v for v in (sequence, pooled, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=pooled, hidden_states=all_hidden_states)
+
+
+# --------------------------------------------------------------------------- MAE decoder
+
+
+class HistoMIMDecoder(nn.Module):
+    """MAE's lightweight decoder: visible tokens + mask tokens in image order -> pixels per patch."""
+
+    def __init__(self, config: HistoMIMConfig):
+        super().__init__()
+        dim = config.decoder_hidden_size
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.embed = nn.Linear(config.hidden_size, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, 1 + config.num_patches, dim), requires_grad=False)
+        self.blocks = make_blocks(
+            config, config.decoder_num_hidden_layers, dim, config.decoder_num_attention_heads,
+            config.decoder_intermediate_size, 0.0,
+        )
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.pred = nn.Linear(dim, config.patch_size**2 * config.num_channels)
+
+    def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """latent: (B, P + K, D) encoder output; ids_keep: (B, K). Returns (B, L, p*p*C)."""
+        tokens = self.embed(latent)  # (B, P + K, Dd)
+        cls, visible = tokens[:, :1], tokens[:, self.num_prefix_tokens :]  # register tokens stop here
+        batch, dim = tokens.shape[0], tokens.shape[-1]
+        num_patches = grid_hw[0] * grid_hw[1]
+
+        # scatter the visible tokens into a full grid of mask tokens (= MAE's concat + unshuffle)
+        full = self.mask_token.to(visible.dtype).expand(batch, num_patches, dim)
+        full = full.scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, dim), visible)  # (B, L, Dd)
+
+        position = self.position_embeddings
+        hidden_states = torch.cat([cls + position[:, :1], full + resize_position_embedding(position[:, 1:], grid_hw)], dim=1)
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        return self.pred(self.norm(hidden_states))[:, 1:]  # (B, L, p*p*C)
+
+
+# --------------------------------------------------------------------------- pretraining (AutoModelForPreTraining)
+
+
+class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
+    """The encoder plus the configured objective.
+
+    - `mae`: random masking (argsort of noise), encoder on visible patches only, decoder with mask tokens,
+      MSE on masked patches, optional per-patch normalized targets.
+    - `simmim`: block masking at `mask_patch_size`, mask token in the encoder, a linear head predicting
+      raw pixels, L1 on masked pixels.
+    """
+
+    def __init__(self, config: HistoMIMConfig):
+        super().__init__(config)
+        self.histomim = HistoMIMModel(config)
+        if config.objective == "mae":
+            self.decoder = HistoMIMDecoder(config)
+        else:
+            # SimMIM's 1x1 conv + pixel shuffle is a per-token linear map to the patch's pixels
+            self.simmim_head = nn.Linear(config.hidden_size, config.patch_size**2 * config.num_channels)
+        self.post_init()
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return patchify(pixel_values, self.config.patch_size)
+
+    def unpatchify(self, patches: torch.Tensor, image_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        image_hw = image_hw or (self.config.image_size, self.config.image_size)
+        return unpatchify(patches, self.config.patch_size, image_hw, self.config.num_channels)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HistoMIMForPreTrainingOutput | tuple:
+        r"""
+        noise: optional noise that fixes the mask: (B, L) for MAE, (B, G*G) over the `mask_patch_size`
+            grid for SimMIM. The same noise always gives the same mask.
+        bool_masked_pos: optional explicit (B, L) mask (True = masked) instead of sampling one.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self.histomim.embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        height, width = pixel_values.shape[-2:]
+        grid_hw = (height // self.config.patch_size, width // self.config.patch_size)
+        if self.config.objective == "mae":
+            output = self._forward_mae(pixel_values, noise, bool_masked_pos, grid_hw, output_hidden_states, interpolate_pos_encoding)
+        else:
+            output = self._forward_simmim(pixel_values, noise, bool_masked_pos, grid_hw, output_hidden_states, interpolate_pos_encoding)
+        return output if return_dict else output.to_tuple()
+
+    def _forward_mae(self, pixel_values, noise, bool_masked_pos, grid_hw, output_hidden_states, interpolate_pos_encoding):
+        batch, num_patches = pixel_values.shape[0], grid_hw[0] * grid_hw[1]
+        if bool_masked_pos is None:
+            ids_keep, mask, ids_restore = random_masking(
+                batch, num_patches, self.config.mask_ratio, noise, device=pixel_values.device
+            )
+        else:
+            ids_keep, mask, ids_restore = visible_indices(bool_masked_pos), bool_masked_pos.float(), None
+
+        encoded = self.histomim(
+            pixel_values, ids_keep=ids_keep, output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        logits = self.decoder(encoded.last_hidden_state, ids_keep, grid_hw).float()  # (B, L, p*p*C)
+
+        target = self.patchify(pixel_values.float())  # (B, L, p*p*C)
+        if self.config.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+            pixels = logits * (var + 1e-6) ** 0.5 + mean  # back to input space for the reconstruction image
+        else:
+            pixels = logits
+        per_patch = ((logits - target) ** 2).mean(dim=-1)  # (B, L)
+        loss = (per_patch * mask).sum() / mask.sum()  # masked patches only
+        return HistoMIMForPreTrainingOutput(
+            loss=loss, logits=logits, reconstruction=self.unpatchify(pixels, pixel_values.shape[-2:]),
+            mask=mask, ids_restore=ids_restore, hidden_states=encoded.hidden_states,
+        )
+
+    def _forward_simmim(self, pixel_values, noise, bool_masked_pos, grid_hw, output_hidden_states, interpolate_pos_encoding):
+        if bool_masked_pos is None:
+            if grid_hw[0] != grid_hw[1]:
+                raise ValueError("SimMIM mask sampling needs square images; pass bool_masked_pos for other shapes")
+            bool_masked_pos = block_random_mask(
+                pixel_values.shape[0], grid_hw[0], self.config.mask_patch_size, self.config.patch_size,
+                self.config.mask_ratio, noise, device=pixel_values.device,
+            )
+        encoded = self.histomim(
+            pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        patch_tokens = encoded.last_hidden_state[:, self.config.num_prefix_tokens :]  # (B, L, D)
+        logits = self.simmim_head(patch_tokens).float()  # (B, L, p*p*C)
+
+        mask = bool_masked_pos.float()  # (B, L)
+        target = self.patchify(pixel_values.float())
+        per_pixel = (logits - target).abs()  # (B, L, p*p*C)
+        # mean over masked pixels, as SimMIM: sum / (masked pixels per channel) / channels
+        loss = (per_pixel * mask.unsqueeze(-1)).sum() / (mask.sum() * self.config.patch_size**2 + 1e-5) / self.config.num_channels
+        return HistoMIMForPreTrainingOutput(
+            loss=loss, logits=logits, reconstruction=self.unpatchify(logits, pixel_values.shape[-2:]),
+            mask=mask, hidden_states=encoded.hidden_states,
+        )
+
+    @classmethod
+    def from_vit_mae(cls, path_or_model, **config_overrides) -> "HistoMIMForPreTraining":
+        """Initialise from a transformers `ViTMAEForPreTraining` checkpoint directory (or model) for
+        continued, domain-adaptive pretraining from natural-image MAE weights."""
+        # Needs histomim installed, unlike the rest of this file; imported by name so that transformers'
+        # remote-code import scan does not demand histomim where only the saved files exist.
+        export = importlib.import_module("histomim.export")
+        return export.from_vit_mae(path_or_model, **config_overrides)
+
+
+# --------------------------------------------------------------------------- classification
+
+
+class HistoMIMForImageClassification(HistoMIMPreTrainedModel):
+    """A linear classifier on the pooled output (`config.pooling`)."""
+
+    def __init__(self, config: HistoMIMConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.histomim = HistoMIMModel(config)
+        self.classifier = nn.Linear(config.pooled_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        encoded = self.histomim(
+            pixel_values, output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        logits = self.classifier(encoded.pooler_output)  # (B, num_labels)
+        loss = self.classification_loss(logits, labels) if labels is not None else None
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+    def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Regression / single-label / multi-label, inferred as transformers' classifiers do."""
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.float().squeeze(-1))
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+
+
+__all__ = [
+    "HistoMIMPreTrainedModel",
+    "HistoMIMModel",
+    "HistoMIMForPreTraining",
+    "HistoMIMForImageClassification",
+    "HistoMIMForPreTrainingOutput",
+    "patchify",
+    "unpatchify",
+    "sincos_2d_position_embedding",
+]

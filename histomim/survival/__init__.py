@@ -1,0 +1,1 @@
+"""Survival labels from pandas, losses, sksurv metrics, the sklearn-compatible estimator and plots."""

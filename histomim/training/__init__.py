@@ -1,0 +1,1 @@
+"""The training loops that ``scripts/`` call, with shared Accelerate helpers."""
