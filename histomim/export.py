@@ -169,4 +169,42 @@ def from_vit_mae(path_or_model, **config_overrides) -> HistoMIMForPreTraining:
     return model
 
 
-__all__ = ["to_vit", "from_vit_mae", "hf_blocks_to_histomim", "histomim_blocks_to_hf"]
+def from_vit_simmim(model, **config_overrides) -> HistoMIMForPreTraining:
+    """Build a SimMIM `HistoMIMForPreTraining` from a transformers `ViTForMaskedImageModeling` with the same
+    weights (used to check that both compute the same loss for the same mask)."""
+    src = model.config
+    if src.encoder_stride != src.patch_size:
+        raise ValueError("from_vit_simmim: encoder_stride must equal patch_size (one prediction per patch)")
+    settings = dict(
+        image_size=src.image_size, patch_size=src.patch_size, num_channels=src.num_channels,
+        hidden_size=src.hidden_size, num_hidden_layers=src.num_hidden_layers,
+        num_attention_heads=src.num_attention_heads, intermediate_size=src.intermediate_size,
+        qkv_bias=src.qkv_bias, hidden_act=src.hidden_act, layer_norm_eps=src.layer_norm_eps,
+        objective="simmim", position_embedding="learned", pooling="cls", norm_pix_loss=False,
+    )
+    settings.update(config_overrides)
+    ours = HistoMIMForPreTraining(HistoMIMConfig(**settings))
+
+    state = model.state_dict()
+    layout = hf_layout(state)
+    patch, channels, dim = src.patch_size, src.num_channels, src.hidden_size
+    # 1x1 conv + PixelShuffle orders outputs (channel, row, col); histomim patches are (row, col, channel)
+    head_weight = state["decoder.0.weight"].view(channels, patch, patch, dim).permute(1, 2, 0, 3).reshape(-1, dim)
+    head_bias = state["decoder.0.bias"].view(channels, patch, patch).permute(1, 2, 0).reshape(-1)
+    mapped = {
+        "histomim.embeddings.cls_token": state["vit.embeddings.cls_token"],
+        "histomim.embeddings.mask_token": state["vit.embeddings.mask_token"],
+        "histomim.embeddings.position_embeddings": state["vit.embeddings.position_embeddings"],
+        "histomim.embeddings.patch_embed.weight": state["vit.embeddings.patch_embeddings.projection.weight"],
+        "histomim.embeddings.patch_embed.bias": state["vit.embeddings.patch_embeddings.projection.bias"],
+        "histomim.norm.weight": state["vit.layernorm.weight"],
+        "histomim.norm.bias": state["vit.layernorm.bias"],
+        "simmim_head.weight": head_weight,
+        "simmim_head.bias": head_bias,
+        **hf_blocks_to_histomim(state, layout, "vit." + layout["layers"], "histomim.blocks.", src.num_hidden_layers),
+    }
+    ours.load_state_dict(mapped, strict=True)
+    return ours
+
+
+__all__ = ["to_vit", "from_vit_mae", "from_vit_simmim", "hf_blocks_to_histomim", "histomim_blocks_to_hf"]

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Benchmark histomim's MIM training step against transformers' own models, side by side in one run.
+
+GPU:  python scripts/benchmark.py --preset histomim-vitb16 --batch-size 256 --json bench.json
+CPU smoke run:  python scripts/benchmark.py --device cpu --preset histomim-vit-tiny16 --image-size 64 --batch-size 8
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from histomim import HistoMIMConfig
+from histomim.benchmark import format_report, run_benchmark
+
+PRESETS = Path(__file__).resolve().parents[1] / "hub_configs"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="histomim-vitb16",
+                        help="preset folder name under hub_configs/, or a path to a config folder (default: %(default)s)")
+    parser.add_argument("--objectives", nargs="+", default=["mae", "simmim"], choices=["mae", "simmim"],
+                        help="objectives to benchmark, each against its transformers reference (default: both)")
+    parser.add_argument("--device", default="cuda", help="torch device, e.g. cuda or cpu (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per training step (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, default=None, help="override the preset's image size (e.g. 64 for CPU)")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps; the median is reported (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default: %(default)s)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="autocast dtype; fp32 disables autocast (default: %(default)s)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both implementations")
+    parser.add_argument("--peak-matmul-size", type=int, default=8192,
+                        help="side of the square matmul that measures the MFU peak (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the full report as JSON to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    source = PRESETS / args.preset if (PRESETS / args.preset).is_dir() else args.preset
+    overrides = {"image_size": args.image_size} if args.image_size else {}
+    config = HistoMIMConfig.from_pretrained(source, **overrides)
+    report = run_benchmark(
+        config, objectives=tuple(args.objectives), device=args.device, batch_size=args.batch_size,
+        steps=args.steps, warmup=args.warmup, dtype=args.dtype, compile=args.compile,
+        peak_matmul_size=args.peak_matmul_size,
+    )
+    print(format_report(report))
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+    main()
