@@ -1,0 +1,380 @@
+"""Tile slides at a physical resolution: a grid of level-0 boxes over tissue, saved as manifests.
+
+A tile is a row ``(slide_id, path, x, y, level, read_size, tile_size, mpp, tissue_fraction)``:
+read ``read_size`` px at pyramid ``level`` from level-0 ``(x, y)``, then resize to ``tile_size``.
+Manifests hold no pixels; `histomim.data.tiles` reads tiles from the slides when training.
+
+`tile_slides` runs over many slides and is safe to interrupt and rerun: each slide's manifest
+is written atomically once the slide is finished, finished slides are skipped, and one bad
+slide is recorded in ``errors.json`` without stopping the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .slides import SLIDE_EXTENSIONS, Slide, SlideError, open_slide
+from .tissue import TissueMask, detect_tissue, require_tissue, save_tissue_overlay
+
+MANIFEST_COLUMNS = ("slide_id", "path", "x", "y", "level", "read_size", "tile_size", "mpp", "tissue_fraction")
+_MANIFEST_DTYPES = {
+    "slide_id": "string", "path": "string", "x": "int64", "y": "int64", "level": "int64",
+    "read_size": "int64", "tile_size": "int64", "mpp": "float64", "tissue_fraction": "float64",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """How one slide is cut into tiles of ``tile_size`` px at a target resolution."""
+
+    level: int  # pyramid level read from
+    read_size: int  # px read at that level, resized to tile_size
+    tile_size: int  # px of the output tile
+    size0: float  # tile side in level-0 px
+    stride0: float  # grid step in level-0 px
+    mpp: float  # um/px of the output tile (the target, up to rounding of read_size)
+
+
+def tile_geometry(slide: Slide, mpp: float, tile_size: int, overlap: int = 0) -> TileGeometry:
+    """Choose level and read size for ``tile_size`` px tiles at ``mpp`` um/px, overlapping by ``overlap`` px."""
+    if mpp <= 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+    if not 0 <= overlap < tile_size:
+        raise ValueError(f"overlap must be in [0, tile_size={tile_size}), got {overlap}")
+    # 1. level-0 px per output px; read from the coarsest level that is still at least as fine
+    downsample = mpp / slide.require_mpp()
+    level = slide.best_level_for_downsample(downsample)
+    level_downsample = slide.level_downsamples[level]
+    # 2. read the tile's footprint at that level; the resize makes up the remaining factor
+    read_size = max(1, round(tile_size * downsample / level_downsample))
+    size0 = read_size * level_downsample
+    return TileGeometry(
+        level=level,
+        read_size=read_size,
+        tile_size=tile_size,
+        size0=size0,
+        stride0=(tile_size - overlap) * size0 / tile_size,
+        mpp=slide.mpp * size0 / tile_size,
+    )
+
+
+def tile_manifest(
+    slide: Slide,
+    tissue: TissueMask,
+    mpp: float = 0.5,
+    tile_size: int = 224,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+) -> pd.DataFrame:
+    """The tiles of one slide with at least ``min_tissue`` tissue, as a manifest (`MANIFEST_COLUMNS`).
+
+    Only whole tiles are kept: a strip narrower than a tile at the right and bottom edges is left out.
+    """
+    if not 0 <= min_tissue <= 1:
+        raise ValueError(f"min_tissue must be in [0, 1], got {min_tissue}")
+    geometry = tile_geometry(slide, mpp, tile_size, overlap)
+    width, height = slide.dimensions
+
+    # 1. every whole tile position on the level-0 grid
+    def starts(extent: int) -> np.ndarray:
+        count = math.floor((extent - geometry.size0) / geometry.stride0) + 1 if extent >= geometry.size0 else 0
+        return np.floor(np.arange(count) * geometry.stride0).astype(np.int64)
+
+    ys, xs = (grid.ravel() for grid in np.meshgrid(starts(height), starts(width), indexing="ij"))  # (N,) row-major
+    # 2. keep those with enough tissue under them
+    fractions = tissue.region_fractions(xs, ys, geometry.size0)  # (N,)
+    keep = fractions >= min_tissue
+    manifest = pd.DataFrame(
+        {
+            "slide_id": slide.slide_id,
+            "path": str(slide.path.resolve()),
+            "x": xs[keep],
+            "y": ys[keep],
+            "level": geometry.level,
+            "read_size": geometry.read_size,
+            "tile_size": geometry.tile_size,
+            "mpp": geometry.mpp,
+            "tissue_fraction": fractions[keep],
+        }
+    )
+    return manifest.astype(_MANIFEST_DTYPES)
+
+
+def find_slides(inputs: Iterable[str | Path], extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of slide files.
+
+    Files are kept whatever their extension (a bad one is reported when tiled); folders contribute
+    the files with a known slide extension.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        ValueError: nothing to tile.
+    """
+    extensions = {e.lower() for e in extensions}
+    inputs = [Path(p) for p in inputs]
+    found: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        elif path.exists():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"slide file or folder not found: {path}")
+    if not found:
+        raise ValueError(f"no slides ({', '.join(sorted(extensions))}) found in {', '.join(map(str, inputs))}")
+    return list(dict.fromkeys(found))  # drop repeats, keep order
+
+
+# -- many slides -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """What determines a manifest's content; a rerun into the same folder must not change it."""
+
+    mpp: float = 0.5
+    tile_size: int = 224
+    overlap: int = 0
+    min_tissue: float = 0.5
+
+
+@dataclass
+class TilingReport:
+    """The result of `tile_slides`."""
+
+    manifest: pd.DataFrame  # all tiles in out_dir, merged
+    tiled: list[str] = field(default_factory=list)  # slide paths tiled in this run
+    skipped: list[str] = field(default_factory=list)  # done by an earlier run
+    errors: list[dict] = field(default_factory=list)  # {"path", "slide_id", "error", "message"}
+
+    @property
+    def all_failed(self) -> bool:
+        return bool(self.errors) and not self.tiled and not self.skipped
+
+
+def tile_slides(
+    paths: Iterable[str | Path],
+    out_dir: str | Path,
+    mpp: float = 0.5,
+    tile_size: int = 224,
+    overlap: int = 0,
+    min_tissue: float = 0.5,
+    workers: int = 1,
+    save_images: bool = False,
+    mpp_override: float | None = None,
+    backend: str = "auto",
+) -> TilingReport:
+    """Tile slides into ``out_dir``; resumable, and one bad slide does not stop the rest.
+
+    Writes per slide ``manifests/<slide_id>.parquet`` (last, atomically: its presence means done;
+    with ``save_images`` a slide also needs its tiles to count as done)
+    and ``overlays/<slide_id>.png`` (thumbnail, tissue outline and tiles), plus with ``save_images``
+    the tile pixels as a `datasets.Dataset` in ``tiles/<slide_id>/`` (``save_to_disk`` layout).
+    Then merges all manifests into ``manifest.parquet`` and lists failures in ``errors.json``.
+
+    Args:
+        paths: slide files (see `find_slides` to expand folders).
+        mpp: target um/px of the tiles; tile_size: output px; overlap: px shared by neighbours.
+        min_tissue: keep tiles whose tissue fraction is at least this.
+        workers: processes over slides (or threads over tiles when there is a single slide).
+        mpp_override: um/px to use for every slide, e.g. for PNGs without resolution metadata.
+        backend: slide reader (see `open_slide`).
+
+    Raises:
+        ValueError: two slides share a file stem (their outputs would collide), or ``out_dir``
+            was tiled with different settings.
+    """
+    out_dir = Path(out_dir)
+    config = TilingConfig(mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue)
+    slides = [Path(p) for p in paths]
+    _check_unique_ids(slides)
+    _check_config(out_dir, config)
+
+    report = TilingReport(manifest=pd.DataFrame())
+    todo = []
+    for path in slides:
+        if _is_done(out_dir, path.stem, save_images):
+            report.skipped.append(str(path))
+        else:
+            todo.append(path)
+
+    from tqdm.auto import tqdm
+
+    tile_workers = workers if len(todo) == 1 else 1
+    job = dict(out_dir=out_dir, config=config, save_images=save_images, mpp_override=mpp_override,
+               backend=backend, tile_workers=tile_workers)  # fmt: skip
+    with _executor(workers, len(todo)) as executor, tqdm(total=len(todo), desc="tiling slides", unit="slide") as bar:
+        futures = {executor.submit(_tile_one_slide, path, **job): path for path in todo}
+        for future in as_completed(futures):
+            path = futures[future]
+            try:
+                n_tiles = future.result()
+                report.tiled.append(str(path))
+                bar.set_postfix_str(f"{path.stem}: {n_tiles} tiles")
+            except Exception as error:  # any failure of one slide is that slide's, not the run's
+                message = str(error) if str(path) in str(error) else f"{path}: {error}"
+                failure = {"path": str(path), "slide_id": path.stem, "error": type(error).__name__, "message": message}
+                report.errors.append(failure)
+                tqdm.write(f"[tile_slides] failed: {type(error).__name__}: {message}", file=sys.stderr)
+                _write_json(out_dir / "errors.json", report.errors)
+            bar.update()
+
+    _write_json(out_dir / "errors.json", report.errors)
+    report.manifest = merge_manifests(out_dir)
+    return report
+
+
+def _executor(workers: int, n_slides: int) -> Executor:
+    # Slides are independent and CPU-bound (JPEG decoding, morphology): processes; one at a time
+    # without the pool's start-up cost when there is nothing to parallelise.
+    if workers > 1 and n_slides > 1:
+        return ProcessPoolExecutor(max_workers=min(workers, n_slides))
+    return ThreadPoolExecutor(max_workers=1)
+
+
+def _tile_one_slide(
+    path: Path,
+    out_dir: Path,
+    config: TilingConfig,
+    save_images: bool,
+    mpp_override: float | None,
+    backend: str,
+    tile_workers: int,
+) -> int:
+    """Tile one slide and write its outputs; returns the number of tiles. Runs in a worker."""
+    with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
+        slide.require_mpp()
+        tissue = detect_tissue(slide)
+        overlay_path = out_dir / "overlays" / f"{slide.slide_id}.png"
+        if tissue.is_empty:
+            save_tissue_overlay(slide, tissue, overlay_path)  # so a person can see why
+        require_tissue(slide, tissue)
+        manifest = tile_manifest(slide, tissue, config.mpp, config.tile_size, config.overlap, config.min_tissue)
+        save_tissue_overlay(slide, tissue, overlay_path, tiles=manifest)
+        if manifest.empty:
+            raise SlideError(
+                f"{path}: tissue covers {tissue.fraction:.1%} of the slide but no {config.tile_size}px tile at "
+                f"{config.mpp} um/px has >= {config.min_tissue:.0%} tissue; lower min_tissue (--min-tissue)"
+            )
+    if save_images:
+        _save_tile_images(manifest, out_dir / "tiles" / path.stem, backend, tile_workers)
+    _write_parquet(manifest, _manifest_path(out_dir, path.stem))
+    return len(manifest)
+
+
+def _save_tile_images(manifest: pd.DataFrame, target: Path, backend: str, workers: int) -> None:
+    """Write the manifest's tiles (image + manifest columns) with ``datasets.save_to_disk``, atomically."""
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), **{c: datasets.Value(_arrow_type(manifest[c].dtype)) for c in MANIFEST_COLUMNS}}
+    )
+    scratch = target.with_name(target.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # one bar per slide is enough: tile_slides shows it
+    try:
+        # the generator's arrow cache goes next to the output, not into the user's HF cache
+        tiles = datasets.Dataset.from_generator(
+            _tile_examples,
+            features=features,
+            gen_kwargs={"rows": manifest.to_dict("records"), "backend": backend, "workers": workers},
+            cache_dir=str(scratch / "cache"),
+        )
+        tiles.save_to_disk(str(scratch / "dataset"))
+        del tiles  # release the memory-mapped cache before removing it
+    finally:
+        if bars_were_enabled:
+            datasets.enable_progress_bars()
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(scratch / "dataset", target)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _tile_examples(rows: list[dict], backend: str, workers: int, chunk: int = 256) -> Iterator[dict]:
+    """Yield ``{"image": PIL tile, **row}`` in manifest order, reading ``chunk`` tiles at a time in threads."""
+    if not rows:
+        return
+    with open_slide(rows[0]["path"], backend=backend) as slide, ThreadPoolExecutor(max_workers=workers) as pool:
+
+        def read(row: dict):
+            return slide.read_tile((row["x"], row["y"]), row["level"], row["read_size"], row["tile_size"])
+
+        for start in range(0, len(rows), chunk):
+            batch = rows[start : start + chunk]
+            for row, image in zip(batch, pool.map(read, batch)):
+                yield {"image": image, **row}
+
+
+def _arrow_type(dtype) -> str:
+    return {"int64": "int64", "float64": "float64"}.get(str(dtype), "string")
+
+
+def merge_manifests(out_dir: str | Path) -> pd.DataFrame:
+    """Concatenate ``out_dir/manifests/*.parquet`` into ``out_dir/manifest.parquet`` (atomically) and return it."""
+    out_dir = Path(out_dir)
+    parts = [pd.read_parquet(p) for p in sorted((out_dir / "manifests").glob("*.parquet"))]
+    merged = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(MANIFEST_COLUMNS))
+    merged = merged.astype(_MANIFEST_DTYPES)
+    _write_parquet(merged, out_dir / "manifest.parquet")
+    return merged
+
+
+def _is_done(out_dir: Path, slide_id: str, save_images: bool) -> bool:
+    # a slide first tiled without images is redone when they are asked for now
+    has_images = not save_images or (out_dir / "tiles" / slide_id).is_dir()
+    return _manifest_path(out_dir, slide_id).exists() and has_images
+
+
+def _manifest_path(out_dir: Path, slide_id: str) -> Path:
+    return out_dir / "manifests" / f"{slide_id}.parquet"
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    frame.to_parquet(partial, index=False)
+    os.replace(partial, path)
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def _check_unique_ids(slides: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for path in slides:
+        if path.stem in seen and seen[path.stem].resolve() != path.resolve():
+            raise ValueError(f"two slides share the id {path.stem!r} (file stem): {seen[path.stem]} and {path}")
+        seen[path.stem] = path
+
+
+def _check_config(out_dir: Path, config: TilingConfig) -> None:
+    """Record the settings on first use of ``out_dir``; refuse to mix tiles made with other settings."""
+    config_path = out_dir / "tiling_config.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        changed = {k: (previous.get(k), v) for k, v in asdict(config).items() if previous.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"{out_dir} was tiled with other settings ({details}, see {config_path}); use a new --out folder"
+            )
+    else:
+        _write_json(config_path, asdict(config))
