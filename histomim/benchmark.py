@@ -235,6 +235,64 @@ def run_benchmark(
     return report
 
 
+# --------------------------------------------------------------------------- input pipeline
+
+
+def data_pipeline_throughput(
+    image_size: int = 224, num_images: int = 128, device: str = "cpu", batch_size: int = 64, work_dir=None
+) -> dict:
+    """Images/s of the input pipeline on one CPU core, on tiles of the real sample slide:
+
+    - `decode_per_core`: read a tile region from the slide and resize it (no augmentation);
+    - `augment_per_core`: the full CPU `pretrain_transform` (crop, flips, rotations, HED and colour jitter);
+    - `augment_without_stain_per_core`: the same with stain/colour jitter left to the accelerator;
+    - `stain_jitter_on_device`: batched HED + colour jitter (`hed_jitter_batch`, `color_jitter_batch`) on `device`.
+    A training step that needs N img/s needs about N / augment_per_core DataLoader workers.
+    """
+    import tempfile
+
+    from .data.samples import sample_slide_path
+    from .data.tiles import load_tile_dataset
+    from .data.tiling import tile_slides
+    from .data.transforms import color_jitter_batch, hed_jitter_batch, pretrain_transform
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-core figures
+    try:
+        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+            tile_slides([sample_slide_path()], tmp, mpp=0.5, tile_size=image_size, min_tissue=0.5)
+            mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+            pipelines = {
+                "decode_per_core": None,
+                "augment_per_core": pretrain_transform(image_size, mean, std, seed=0),
+                "augment_without_stain_per_core": pretrain_transform(
+                    image_size, mean, std, hed_sigma=0, hed_bias=0, brightness=0, contrast=0, saturation=0, seed=0),
+            }
+            figures = {}
+            for name, transform in pipelines.items():
+                dataset = load_tile_dataset(tmp, transform=transform)
+                count = min(num_images, len(dataset))
+                start = time.perf_counter()
+                for index in range(count):
+                    dataset[index]
+                figures[name] = count / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+    torch_device = torch.device(device)
+    pixels = torch.rand(batch_size, 3, image_size, image_size, device=torch_device)  # (B, 3, H, W) in [0, 1]
+    repeats = 5
+    for step in range(2 + repeats):
+        if step == 2:  # after warm-up
+            synchronize(torch_device)
+            start = time.perf_counter()
+        color_jitter_batch(hed_jitter_batch(pixels))
+    synchronize(torch_device)
+    figures["stain_jitter_on_device"] = batch_size * repeats / (time.perf_counter() - start)
+    figures["device"] = describe_device(torch_device)
+    return figures
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -262,4 +320,4 @@ def format_report(report: BenchmarkReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_benchmark", "format_report", "training_flops_per_image", "transformer_macs", "BenchmarkReport"]
+__all__ = ["run_benchmark", "data_pipeline_throughput", "format_report", "training_flops_per_image", "transformer_macs", "BenchmarkReport"]

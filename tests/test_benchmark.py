@@ -31,7 +31,7 @@ def test_cpu_smoke_run_writes_a_report_with_exact_losses(tmp_path, capsys):
     spec.loader.exec_module(script)
     out = tmp_path / "bench.json"
     script.main(["--device", "cpu", "--preset", "histomim-vit-tiny16", "--image-size", "64", "--batch-size", "4",
-                 "--dtype", "fp32", "--steps", "2", "--warmup", "1", "--peak-matmul-size", "256", "--json", str(out)])
+                 "--dtype", "fp32", "--steps", "2", "--warmup", "1", "--peak-matmul-size", "256", "--data-pipeline", "--json", str(out)])
     report = json.loads(out.read_text())
     assert {(r["objective"], r["implementation"]) for r in report["results"]} == {
         ("mae", "transformers"), ("mae", "histomim"), ("simmim", "transformers"), ("simmim", "histomim")}
@@ -40,3 +40,6 @@ def test_cpu_smoke_run_writes_a_report_with_exact_losses(tmp_path, capsys):
     # exactness: same weights, same mask, fp32 on CPU -> the same loss to 1e-5
     assert all(diff < 1e-5 for diff in report["loss_difference_fp32"].values())
     assert "histomim / transformers" in capsys.readouterr().out
+    pipeline = report["data_pipeline"]
+    for name in ("decode_per_core", "augment_per_core", "augment_without_stain_per_core", "stain_jitter_on_device"):
+        assert pipeline[name] > 0, name
