@@ -5,6 +5,7 @@ Importing histomim registers its models with the transformers Auto classes, so
 Heavy optional packages (datasets, scikit-survival, slide readers) are imported where they are used.
 """
 
+from .multimodal import HistoFusionConfig, HistoFusionForSurvival
 from .mim import (
     HistoMIMConfig,
     HistoMIMForImageClassification,
@@ -38,6 +39,10 @@ def _register_auto_classes() -> None:
     HistoMIMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     HistoMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
+    from .multimodal.modeling_fusion import register_auto_classes as register_fusion
+
+    register_fusion()
+
 
 _register_auto_classes()
 
@@ -47,4 +52,6 @@ __all__ = [
     "HistoMIMForPreTraining",
     "HistoMIMForImageClassification",
     "image_processor_for",
+    "HistoFusionConfig",
+    "HistoFusionForSurvival",
 ]

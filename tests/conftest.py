@@ -9,7 +9,8 @@ import torch
 import histomim
 from histomim import HistoMIMConfig
 
-torch.set_num_threads(2)
+# Test models are tiny: one thread is faster than two, and far faster on a loaded machine.
+torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> HistoMIMConfig:
@@ -54,3 +55,20 @@ def tissue_tiles(sample_slide_path) -> torch.Tensor:
     mean = torch.tensor(histomim.mim.configuration_histomim.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(histomim.mim.configuration_histomim.IMAGENET_STD).view(1, 3, 1, 1)
     return (pixels - mean) / std
+
+
+COLOUR_TILE = 32
+
+
+def colour_features(rgb: np.ndarray) -> np.ndarray:
+    """(n, 9) features of the tissue tiles of an RGB image: mean/std of H, E, DAB stain density, mean RGB."""
+    from skimage.color import rgb2hed
+
+    rows, cols = rgb.shape[0] // COLOUR_TILE, rgb.shape[1] // COLOUR_TILE
+    tiles = rgb[: rows * COLOUR_TILE, : cols * COLOUR_TILE].reshape(rows, COLOUR_TILE, cols, COLOUR_TILE, 3).swapaxes(1, 2).reshape(-1, COLOUR_TILE, COLOUR_TILE, 3)
+    scaled = tiles.astype(np.float32) / 255
+    saturation = (scaled.max(-1) - scaled.min(-1)) / np.maximum(scaled.max(-1), 1e-6)
+    tiles = tiles[(saturation > 0.15).mean(axis=(1, 2)) > 0.5]  # tissue, not glass
+    hed = rgb2hed(tiles.reshape(-1, COLOUR_TILE, 3)).reshape(len(tiles), -1, 3) * 10  # (n, T*T, 3) stain densities
+    rgb_mean = tiles.reshape(len(tiles), -1, 3).mean(axis=1) / 255
+    return np.concatenate([hed.mean(axis=1), hed.std(axis=1), rgb_mean], axis=1).astype(np.float32)
