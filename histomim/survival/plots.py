@@ -1,0 +1,89 @@
+"""Kaplan-Meier curves of predicted risk groups with the log-rank p-value (PNG, matplotlib Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .labels import split_survival
+
+GROUPINGS = {"median": ("low risk", "high risk"), "tertiles": ("low risk", "intermediate risk", "high risk")}
+
+
+def risk_groups(risk: np.ndarray, grouping: str = "median", reference_risk: np.ndarray | None = None) -> np.ndarray:
+    """Group index per patient (0 = lowest risk) by quantiles of the risk score.
+
+    Without ``reference_risk`` the groups are equal-size quantiles of ``risk`` itself, taken on ranks
+    so that tied scores cannot produce empty groups. With it (e.g. the training patients' risks in
+    cross-validation, as PORPOISE does) the cut-offs are quantiles of ``reference_risk``, so test
+    patients are grouped without looking at each other.
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"`grouping` must be one of {list(GROUPINGS)}, got {grouping!r}")
+    num_groups = len(GROUPINGS[grouping])
+    risk = np.asarray(risk, dtype=float)
+    if reference_risk is not None:
+        cutoffs = np.quantile(np.asarray(reference_risk, dtype=float), np.arange(1, num_groups) / num_groups)
+        return np.searchsorted(cutoffs, risk, side="right")
+    if risk.size < num_groups:
+        raise ValueError(f"{grouping!r} grouping needs at least {num_groups} patients, got {risk.size}")
+    rank = np.argsort(np.argsort(risk, kind="stable"), kind="stable")  # (N,) 0..N-1
+    return (rank * num_groups) // risk.size
+
+
+def plot_risk_groups(
+    y: np.ndarray,
+    risk: np.ndarray | None,
+    path: str | Path,
+    grouping: str = "median",
+    title: str = "Kaplan-Meier by predicted risk group",
+    groups: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Write a Kaplan-Meier PNG of the predicted risk groups and return the log-rank test.
+
+    Groups are :func:`risk_groups` of ``risk``, or the given ``groups`` (0 = lowest risk), e.g.
+    pooled over cross-validation folds. Returns ``{"chisq", "p_value"}`` from
+    ``sksurv.compare.compare_survival``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sksurv.compare import compare_survival
+    from sksurv.nonparametric import kaplan_meier_estimator
+
+    event, time = split_survival(y)
+    if groups is None:
+        if risk is None or len(np.asarray(risk)) != len(time):
+            raise ValueError(f"`risk` must have one score per patient ({len(time)})")
+        groups = risk_groups(risk, grouping)
+    groups = np.asarray(groups)
+    if len(groups) != len(time):
+        raise ValueError(f"`groups` has {len(groups)} entries but `y` has {len(time)} patients")
+    # the log-rank test needs two groups; a model with (nearly) constant risk may leave only one
+    chisq, p_value = compare_survival(y, groups) if len(np.unique(groups)) > 1 else (np.nan, np.nan)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for index, label in enumerate(GROUPINGS[grouping]):
+        in_group = groups == index
+        if not in_group.any():
+            continue
+        km_time, km_survival, (low, high) = kaplan_meier_estimator(event[in_group], time[in_group], conf_type="log-log")
+        # curves start at (0, 1): everyone is alive at time zero
+        km_time, km_survival = np.r_[0.0, km_time], np.r_[1.0, km_survival]
+        low, high = np.r_[1.0, low], np.r_[1.0, high]
+        line = ax.step(
+            km_time, km_survival, where="post", label=f"{label} (n={in_group.sum()}, events={event[in_group].sum()})"
+        )
+        ax.fill_between(km_time, low, high, step="post", alpha=0.15, color=line[0].get_color())
+    ax.set(xlabel="time", ylabel="survival probability", ylim=(0, 1.02), title=title)
+    note = f"log-rank p = {p_value:.3g}" if np.isfinite(p_value) else "log-rank test n/a: a single risk group"
+    ax.text(0.02, 0.04, note, transform=ax.transAxes)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"chisq": float(chisq), "p_value": float(p_value)}

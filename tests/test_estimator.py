@@ -1,0 +1,185 @@
+"""SurvivalEstimator on the real breast-cancer cohort: sklearn/sksurv compatibility, survival functions,
+determinism, categorical encoding, and the histology/radiology columns of the fusion model."""
+
+import numpy as np
+import pytest
+import torch
+
+from histomim.survival import SurvivalEstimator
+from histomim.survival.labels import patient_folds, split_survival
+from histomim.survival.metrics import evaluate
+
+FAST = dict(epochs=30, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    from histomim.training.survival import breast_cancer_study
+
+    return breast_cancer_study()
+
+
+@pytest.fixture(scope="module")
+def split(cohort):
+    X, y = cohort
+    train, test = patient_folds(X, labels=y, n_splits=4, seed=0)[0]
+    return X.iloc[train], y[train], X.iloc[test], y[test]
+
+
+@pytest.fixture(scope="module")
+def fitted(split):
+    X_train, y_train, _, _ = split
+    return {head: SurvivalEstimator(head=head, **FAST).fit(X_train, y_train) for head in ("cox", "discrete")}
+
+
+def test_uses_the_fusion_model_with_one_hot_categoricals(fitted, split):
+    model = fitted["cox"]
+    from histomim.multimodal.modeling_fusion import HistoFusionForSurvival
+
+    assert isinstance(model.model_, HistoFusionForSurvival)
+    assert model.model_.config.modalities == ["genomic"]
+    names = model.model_.config.genomic_feature_names
+    assert "er_positive" in names and "grade_poorly differentiated" in names and "X204540_at" in names
+    levels = split[0]["er"].nunique() + split[0]["grade"].nunique()
+    assert model.model_.config.genomic_num_features == len(names) == 76 + 2 + levels
+
+
+@pytest.mark.parametrize("head", ["cox", "discrete"])
+def test_learns_and_beats_chance_on_held_out_patients(fitted, split, head):
+    X_train, y_train, X_test, y_test = split
+    model = fitted[head]
+    assert model.loss_history_[-1] < model.loss_history_[0]
+    assert model.score(X_train, y_train) > 0.7
+    risk = model.predict(X_test)
+    assert risk.shape == (len(X_test),) and np.isfinite(risk).all()
+    scores = evaluate(y_train, y_test, risk, model.predict_survival_function(X_test))
+    assert scores["harrell_c"] > 0.55 and 0.0 < scores["integrated_brier_score"] < 0.25
+
+
+@pytest.mark.parametrize("head", ["cox", "discrete"])
+def test_survival_functions_are_non_increasing_step_functions_in_unit_interval(fitted, split, head):
+    from sksurv.functions import StepFunction
+
+    model, X_test = fitted[head], split[2]
+    functions = model.predict_survival_function(X_test.iloc[:8])
+    assert len(functions) == 8 and all(isinstance(f, StepFunction) for f in functions)
+    grid = np.linspace(0, model.unique_times_.max(), 50)
+    curves = np.vstack([f(grid) for f in functions])  # (8, 50)
+    assert np.all((curves >= 0) & (curves <= 1)) and np.all(np.diff(curves, axis=1) <= 1e-12)
+    assert np.all(curves[:, 0] == 1.0) and curves[:, -1].mean() < 0.9  # KM at the last time is ~0.5
+    array = model.predict_survival_function(X_test.iloc[:8], return_array=True)
+    np.testing.assert_allclose(array, np.vstack([f.y for f in functions]))
+    # a higher risk score means a lower survival curve
+    risk = model.predict(X_test.iloc[:8])
+    assert np.corrcoef(risk, curves[:, -1])[0, 1] < -0.9
+
+
+def test_deterministic_with_random_state_and_leaves_global_rng_alone(split):
+    X_train, y_train, X_test, _ = split
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    a = SurvivalEstimator(epochs=5, random_state=7).fit(X_train, y_train).predict(X_test)
+    assert torch.equal(torch.rand(3), expected_draw)
+    b = SurvivalEstimator(epochs=5, random_state=7).fit(X_train, y_train).predict(X_test)
+    c = SurvivalEstimator(epochs=5, random_state=8).fit(X_train, y_train).predict(X_test)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_numpy_input_and_unknown_categories(split):
+    X_train, y_train, X_test, _ = split
+    numeric = X_train.select_dtypes("number").to_numpy()
+    model = SurvivalEstimator(**FAST).fit(numeric, y_train)
+    assert model.predict(X_test.select_dtypes("number").to_numpy()).shape == (len(X_test),)
+    categorical = SurvivalEstimator(epochs=2, random_state=0).fit(X_train, y_train)
+    unseen = X_test.astype({"grade": object}).assign(grade="not graded")
+    assert np.isfinite(categorical.predict(unseen)).all()
+
+
+def test_bad_inputs_raise_clear_errors(split):
+    X_train, y_train, X_test, _ = split
+    with pytest.raises(ValueError, match="no events"):
+        SurvivalEstimator(epochs=1).fit(X_train, np.array([(False, t) for _, t in y_train], dtype=y_train.dtype))
+    with pytest.raises(ValueError, match="X has 10 rows but y has"):
+        SurvivalEstimator(epochs=1).fit(X_train.iloc[:10], y_train)
+    with pytest.raises(ValueError, match="structured array"):
+        SurvivalEstimator(epochs=1).fit(X_train, split_survival(y_train)[1])
+    with pytest.raises(ValueError, match="`head` must be"):
+        SurvivalEstimator(epochs=1, head="aft").fit(X_train, y_train)
+    model = SurvivalEstimator(epochs=1).fit(X_train, y_train)
+    with pytest.raises(ValueError, match="fitted with"):
+        model.predict(X_test.drop(columns=["age"]))
+    from sklearn.exceptions import NotFittedError
+
+    with pytest.raises(NotFittedError):
+        SurvivalEstimator().predict(X_test)
+
+
+def test_cross_val_score_and_grid_search_with_sksurv_scorers(cohort):
+    from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
+    from sksurv.metrics import as_concordance_index_ipcw_scorer, as_integrated_brier_score_scorer
+
+    X, y = cohort
+    X = X[["age", "size", "er", "grade", "X204540_at", "X221928_at", "X202240_at"]]
+    cv = KFold(3, shuffle=True, random_state=0)
+    scores = cross_val_score(SurvivalEstimator(epochs=15, random_state=0), X, y, cv=cv)
+    assert scores.shape == (3,) and np.all((scores > 0.5) & (scores < 1))
+
+    tau = np.quantile(y["time"], 0.7)
+    search = GridSearchCV(
+        as_concordance_index_ipcw_scorer(SurvivalEstimator(epochs=15, random_state=0), tau=tau),
+        {"estimator__weight_decay": [0.01, 1.0], "estimator__head": ["cox", "discrete"]},
+        cv=cv,
+    ).fit(X, y)
+    assert search.cv_results_["mean_test_score"].shape == (4,)
+    assert search.best_estimator_.estimator.weight_decay in (0.01, 1.0)
+
+    times = np.quantile(y["time"][y["event"]], [0.2, 0.4, 0.6])
+    brier = cross_val_score(
+        as_integrated_brier_score_scorer(SurvivalEstimator(epochs=15, random_state=0), times), X, y, cv=cv
+    )
+    assert np.all((-brier > 0) & (-brier < 0.3))  # sksurv negates the Brier score so that higher is better
+
+
+def _tile_features(tmp_path, X, rng):
+    """One file of (N, 8) tile features per patient; a few patients without a slide, one with two slides."""
+    paths = []
+    for row, patient in enumerate(X.index):
+        if row % 7 == 3:
+            paths.append(None)
+            continue
+        features = rng.normal(size=(int(rng.integers(3, 12)), 8)).astype(np.float32)
+        if row == 1:  # the layout scripts/extract_features.py writes
+            from safetensors.numpy import save_file
+
+            path = tmp_path / f"{patient}.safetensors"
+            save_file({"features": features, "coords": np.zeros((len(features), 2), dtype=np.int64)}, str(path))
+        else:
+            path = tmp_path / f"{patient}.npy"
+            np.save(path, features)
+        paths.append([str(path), str(path)] if row == 0 else str(path))
+    return paths
+
+
+def test_histology_and_radiology_columns_feed_the_fusion_model(tmp_path, cohort):
+    from pydicom.examples import get_path
+
+    X, y = cohort
+    X, y = X.iloc[:40][["age", "size", "er"]].copy(), y[:40]
+    rng = np.random.default_rng(0)
+    X["slides"] = _tile_features(tmp_path, X, rng)
+    X["ct"] = [str(get_path("ct")) if row % 5 else None for row in range(len(X))]
+    model = SurvivalEstimator(
+        histology_col="slides", radiology_col="ct", radiology_size=16, fusion="coattention", epochs=3, random_state=0
+    ).fit(X, y)
+    config = model.model_.config
+    assert config.modalities == ["genomic", "histology", "radiology"] and config.fusion == "coattention"
+    assert config.histology_feature_dim == 8 and config.radiology_image_size == [16, 16]
+    assert config.genomic_feature_names == ["age", "size", "er_negative", "er_positive"]
+    assert np.isfinite(model.predict(X)).all()
+
+    broken = X.copy()
+    broken.loc[broken.index[5], "slides"] = str(tmp_path / "lost.npy")
+    with pytest.raises(FileNotFoundError, match=rf"column 'slides', row {broken.index[5]!r}: .*lost\.npy"):
+        model.predict(broken)
