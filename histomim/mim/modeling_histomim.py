@@ -325,6 +325,9 @@ class HistoMIMModel(HistoMIMPreTrainedModel):
     """ViT encoder. Sees the whole image unless the caller passes `bool_masked_pos`
     (SimMIM models replace masked patches by the mask token; MAE models drop them)."""
 
+    # loading the encoder from a pretraining checkpoint leaves its objective head behind, on purpose
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^simmim_head\."]
+
     def __init__(self, config: HistoMIMConfig):
         super().__init__(config)
         self.embeddings = HistoMIMEmbeddings(config)
