@@ -183,3 +183,39 @@ def test_histology_and_radiology_columns_feed_the_fusion_model(tmp_path, cohort)
     broken.loc[broken.index[5], "slides"] = str(tmp_path / "lost.npy")
     with pytest.raises(FileNotFoundError, match=rf"column 'slides', row {broken.index[5]!r}: .*lost\.npy"):
         model.predict(broken)
+
+
+@pytest.mark.parametrize("head", ["cox", "discrete"])
+def test_seed_ensemble_averages_its_networks(split, head):
+    X_train, y_train, X_test, _ = split
+    model = SurvivalEstimator(head=head, n_networks=3, epochs=5, random_state=0).fit(X_train, y_train)
+    assert len(model.models_) == 3 and model.model_ is model.models_[0]
+    inputs = model._predict_inputs(X_test)
+    batch = model._batch(inputs, np.arange(len(X_test)))
+    with torch.no_grad():
+        members = [m(**batch) for m in model.models_]
+    risks = np.stack([m.risk.double().numpy() for m in members])  # (3, N)
+    assert not np.allclose(risks[0], risks[1])  # different seeds
+    if head == "cox":
+        np.testing.assert_allclose(model.predict(X_test), risks.mean(0), rtol=1e-5, atol=1e-6)
+    else:  # the risk of the mean survival curve
+        survival = np.stack([m.survival.double().numpy() for m in members]).mean(0)
+        np.testing.assert_allclose(model.predict(X_test), -survival.sum(1), rtol=1e-5, atol=1e-6)
+        curves = model.predict_survival_function(X_test.iloc[:4], return_array=True)
+        assert np.all(np.diff(curves, axis=1) <= 1e-12)
+
+
+def test_group_lasso_shrinks_the_inputs_of_noise_columns(split):
+    X_train, y_train, _, _ = split
+    rng = np.random.default_rng(0)
+    noise_columns = {f"noise{i}": rng.normal(size=len(X_train)) for i in range(20)}
+    X = X_train[["age", "size", "er", "grade"]].assign(**noise_columns)
+
+    def column_norms(model):  # ||W[:, j]|| of the first genomic layer, per encoded feature
+        weight = model.model_.genomic_encoder.blocks[0][0].weight.detach()
+        return dict(zip(model.model_.config.genomic_feature_names, weight.norm(dim=0).tolist()))
+
+    plain = column_norms(SurvivalEstimator(epochs=60, group_lasso=0.0, random_state=0).fit(X, y_train))
+    sparse = column_norms(SurvivalEstimator(epochs=60, group_lasso=0.05, random_state=0).fit(X, y_train))
+    noise = [name for name in plain if name.startswith("noise")]
+    assert np.mean([sparse[n] for n in noise]) < 0.3 * np.mean([plain[n] for n in noise])

@@ -147,7 +147,7 @@ def test_default_study_is_breast_cancer(tmp_path):
     config = SurvivalCVConfig(folds=2, epochs=2, n_bootstrap=0, output_dir=str(tmp_path))
     results = run_survival_cv(config)
     assert len(results.predictions) == 198 and results.fold_metrics["events_test"].sum() == 51
-    assert (tmp_path / "summary.json").exists() and (tmp_path / "km_HistoFusion_(cox).png").exists()
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "km_HistoFusion_(discrete).png").exists()
 
 
 def test_help_documents_every_flag():
