@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from histomim.training.survival import run_benchmark
+from histomim.survival.benchmark import run_benchmark
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """How the `SurvivalEstimator` defaults were chosen: candidates vs Coxnet on cohorts OTHER than the benchmark's.
 
 sksurv's WHAS500, GBSG2, veterans, FLCHAIN and AIDS cohorts, each subsampled to ~200 patients with 70 added
-noise columns (`histomim.training.survival.reference_cohorts`; two draws, seeds 0 and 1), 5-fold CV, mean
+noise columns (`histomim.survival.benchmark.reference_cohorts`; two draws, seeds 0 and 1), 5-fold CV, mean
 Harrell's C. The breast-cancer benchmark (scripts/benchmark_survival.py) is never used here.
 
     python scripts/select_survival_defaults.py               # ~15 min on 2 shared CPU cores
@@ -15,7 +15,8 @@ import warnings
 import torch
 
 from histomim.survival import SurvivalEstimator
-from histomim.training.survival import baseline_estimators, compare_on_cohorts, reference_cohorts
+from histomim.survival.benchmark import compare_on_cohorts, reference_cohorts
+from histomim.training.survival import baseline_estimators
 
 
 def candidates() -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""Survival labels from pandas, losses, sksurv metrics, the sklearn-compatible estimator and plots.
+"""Survival labels from pandas, losses, sksurv metrics, the sklearn-compatible estimator, plots and the benchmark.
 
 ``SurvivalEstimator`` is loaded on first access so that ``import histomim`` stays light.
 """
