@@ -271,8 +271,9 @@ def make_accelerator(args: PretrainArguments):
         gradient_accumulation_steps=args.grad_accum,
         log_with=trackers(args.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        # the same shuffled order on every process, a pure function of (seed, epoch)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        # the same shuffled order on every process, a pure function of (seed, epoch); pinned batches are
+        # copied to the GPU asynchronously (non_blocking) so the copy overlaps the previous step
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed, non_blocking=True),
         # the schedule is stepped once per optimizer update, by the loop
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if args.compile else None,
