@@ -137,6 +137,11 @@ class PretrainArguments:
         help="DataLoader processes per device (default: 0 on CPU, where loading and training share the cores; "
         "otherwise up to 8, as the CPU cores per device allow).",
     )
+    stain_jitter_on_device: bool = HfArg(
+        default=False,
+        help="Run the HED stain and colour jitter batched on the accelerator, after the host-to-device copy, "
+        "instead of in the DataLoader workers: frees CPU workers when the GPU outruns them.",
+    )
     seed: int = HfArg(default=0, help="Seed of the initialisation, data order, augmentation and masks (default: 0).")
     checkpointing_steps: int = HfArg(
         default=500, help="Save a resumable checkpoint every N steps and at the end; 0: never (default: 500)."
@@ -403,6 +408,17 @@ def seed_micro_step(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return seeded_generator(seed, micro_step, rank, 1)
 
 
+def stain_jitter_on_device(pixel_values: torch.Tensor, config: HistoMIMConfig, generator: torch.Generator) -> torch.Tensor:
+    """HED stain + colour jitter of a normalized batch on its own device, with the CPU transform's strengths."""
+    from ..data.transforms import color_jitter_batch, hed_jitter_batch
+
+    mean = torch.tensor(config.image_mean, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(config.image_std, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
+    pixels = (pixel_values * std + mean).clamp(0, 1)  # (B, 3, H, W) back in [0, 1]
+    pixels = color_jitter_batch(hed_jitter_batch(pixels, generator=generator), generator=generator)
+    return (pixels - mean) / std
+
+
 # -- the loop --------------------------------------------------------------------------------------
 
 
@@ -428,7 +444,9 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     image_size = args.image_size or load_model_config(args, None).image_size
     tiles = prepare_tiles(args, accelerator, image_size)
     config = load_model_config(args, tiles.mpp)
-    transform = pretrain_transform(config.image_size, config.image_mean, config.image_std, seed=args.seed)
+    # with --stain-jitter-on-device the workers only crop, flip and rotate; the loop jitters the batch
+    no_jitter = dict(hed_sigma=0, hed_bias=0, brightness=0, contrast=0, saturation=0) if args.stain_jitter_on_device else {}
+    transform = pretrain_transform(config.image_size, config.image_mean, config.image_std, seed=args.seed, **no_jitter)
     dataset = load_tile_dataset(tiles.source, transform=transform)
     if len(dataset) < args.batch_size * accelerator.num_processes:
         raise ValueError(
@@ -530,6 +548,11 @@ def train_one_epoch(
         with accelerator.accumulate(model):
             generator = seed_micro_step(args.seed, state.micro_step, accelerator.process_index)
             noise = torch.rand(mask_noise_shape(config, len(pixel_values)), generator=generator)  # (B, cells)
+            if args.stain_jitter_on_device:
+                device_generator = torch.Generator(pixel_values.device).manual_seed(
+                    derive_seed(args.seed, state.micro_step, accelerator.process_index, 2)
+                )
+                pixel_values = stain_jitter_on_device(pixel_values, config, device_generator)
             loss = model(pixel_values=pixel_values, noise=noise.to(accelerator.device)).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
