@@ -38,6 +38,8 @@ def _register_auto_classes() -> None:
     HistoMIMModel.register_for_auto_class("AutoModel")
     HistoMIMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     HistoMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    HistoFusionConfig.register_for_auto_class("AutoConfig")
+    HistoFusionForSurvival.register_for_auto_class("AutoModel")
 
     from .multimodal.modeling_fusion import register_auto_classes as register_fusion
 

@@ -7,10 +7,14 @@ patient (pydicom's examples), with a simulated outcome whose rule is written in 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from conftest import colour_features
+from safetensors.torch import save_file
+from test_loading import make_hub_cache, run_without_histomim
 from transformers import AutoConfig, AutoModel
 
 from histomim.multimodal.configuration_fusion import HistoFusionConfig
@@ -257,6 +261,68 @@ def test_save_and_load_through_automodel_gives_identical_predictions(cohort, tmp
         output = loaded(**inputs)
     for name in ("risk", "logits", "survival", "fused_embedding"):
         assert torch.equal(getattr(output, name), getattr(expected, name)), name
+
+
+OUTPUTS = ("risk", "logits", "hazards", "survival", "fused_embedding", "modality_mask")
+
+
+@pytest.fixture(scope="module")
+def saved_fusion(cohort, tmp_path_factory):
+    """A small saved three-modality co-attention model with a discrete head, plus inputs and reference outputs
+    (one patient without a scan, so the modality mask matters)."""
+    config = make_config(["genomic", "histology", "radiology"], fusion="coattention", head="discrete", num_bins=4)
+    torch.manual_seed(0)
+    model = HistoFusionForSurvival(config).eval()
+    inputs = inputs_of(cohort, ["genomic", "histology", "radiology"], cohort["test"][:4])
+    inputs["radiology"] = inputs["radiology"].clone()
+    inputs["radiology"][1] = float("nan")
+    with torch.no_grad():
+        output = model(**inputs)
+    folder = tmp_path_factory.mktemp("fusion") / "model"
+    model.save_pretrained(folder)
+    reference = folder.parent / "reference.safetensors"
+    save_file({**inputs, **{name: getattr(output, name).contiguous() for name in OUTPUTS}}, str(reference))
+    return folder, reference
+
+
+def load_fusion_snippet(source: str, reference) -> str:
+    """Load a saved fusion model with trust_remote_code and check its predictions bit for bit."""
+    return f"""
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel
+data = load_file({str(reference)!r})
+assert type(AutoConfig.from_pretrained({source!r}, trust_remote_code=True)).__name__ == "HistoFusionConfig"
+model = AutoModel.from_pretrained({source!r}, trust_remote_code=True)
+assert type(model).__name__ == "HistoFusionForSurvival" and not model.training, type(model)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+with torch.no_grad():
+    output = model(genomic=data["genomic"], histology=data["histology"], radiology=data["radiology"])
+for name in {OUTPUTS!r}:
+    assert torch.equal(getattr(output, name), data[name]), name
+assert output.modality_mask[1].tolist() == [True, True, False]
+print("LOADED", type(model).__module__)
+"""
+
+
+def test_saved_model_loads_with_remote_code_without_histomim(saved_fusion, tmp_path):
+    folder, reference = saved_fusion
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_fusion.py", "modeling_fusion.py", "fusion.py",
+            "genomic.py", "mil.py", "radiology.py", "heads.py", "losses.py"} <= names
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_fusion.HistoFusionConfig",
+                        "AutoModel": "modeling_fusion.HistoFusionForSurvival"}
+    out = run_without_histomim(load_fusion_snippet(str(folder), reference),
+                               env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert "LOADED transformers_modules" in out
+
+
+def test_saved_model_loads_by_repo_id_from_offline_hub_cache_without_histomim(saved_fusion, tmp_path):
+    folder, reference = saved_fusion
+    make_hub_cache(folder, tmp_path / "hub", "org/histofusion-tiny")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = run_without_histomim(load_fusion_snippet("org/histofusion-tiny", reference), env=env)
+    assert "LOADED transformers_modules" in out
 
 
 def test_bad_inputs_raise_clear_errors(cohort):

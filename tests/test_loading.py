@@ -92,46 +92,57 @@ def test_presets_load_with_auto_config():
     assert processor.size == {"height": 224, "width": 224}
 
 
-# Run in a fresh Python where `import histomim` fails: only the files saved with the model may be used.
-WITHOUT_HISTOMIM = textwrap.dedent(
+# Prepended to every snippet run by `run_without_histomim`: a fresh Python where `import histomim` fails,
+# so only the files saved with a model may be used.
+BLOCK_HISTOMIM = textwrap.dedent(
     """
     import sys
     sys.path = [p for p in sys.path if p not in ("", {repo!r}) and "__editable__" not in p]
     sys.modules["histomim"] = None  # blocks the package and any editable finder
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoImageProcessor
     try:
         import histomim
     except ImportError:
         pass
     else:
         raise SystemExit("histomim is importable")
-    data = load_file({reference!r})
-    model = AutoModel.from_pretrained({source!r}, trust_remote_code=True).eval()
-    assert type(model).__name__ == "HistoMIMModel", type(model)
-    assert "histomim" not in type(model).__module__.split(".")[0]
-    with torch.no_grad():
-        out = model(data["pixels"]).last_hidden_state
-    assert torch.equal(out, data["reference"]), (out - data["reference"]).abs().max()
-    AutoImageProcessor.from_pretrained({source!r})
-    print("LOADED", type(model).__module__)
+    import torch
+    torch.set_num_threads(1)  # as in the test process (conftest), so outputs can be compared bit for bit
     """
 )
 
 
-def run_without_histomim(source: str, reference: Path, env: dict | None = None) -> str:
-    code = WITHOUT_HISTOMIM.format(repo=str(REPO_ROOT), reference=str(reference), source=source)
+def run_without_histomim(code: str, env: dict | None = None) -> str:
+    """Run the Python snippet `code` where histomim cannot be imported; assert it succeeds, return its stdout."""
+    program = BLOCK_HISTOMIM.format(repo=str(REPO_ROOT)) + textwrap.dedent(code)
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env={**os.environ, **(env or {})}
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd="/", env={**os.environ, **(env or {})}
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
+def load_encoder_snippet(source: str, reference: Path) -> str:
+    """Load a saved encoder with trust_remote_code and check its outputs against `reference`."""
+    return textwrap.dedent(
+        f"""
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoImageProcessor
+        data = load_file({str(reference)!r})
+        model = AutoModel.from_pretrained({source!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "HistoMIMModel", type(model)
+        assert "histomim" not in type(model).__module__.split(".")[0]
+        with torch.no_grad():
+            out = model(data["pixels"]).last_hidden_state
+        assert torch.equal(out, data["reference"]), (out - data["reference"]).abs().max()
+        AutoImageProcessor.from_pretrained({source!r})
+        print("LOADED", type(model).__module__)
+        """
+    )
+
+
 def test_trust_remote_code_from_folder_without_histomim(saved_model, tmp_path):
     folder, *_ = saved_model
-    out = run_without_histomim(str(folder), folder.parent / "reference.safetensors",
+    out = run_without_histomim(load_encoder_snippet(str(folder), folder.parent / "reference.safetensors"),
                                env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert "LOADED transformers_modules" in out
 
@@ -173,7 +184,7 @@ def test_repo_id_resolves_from_offline_hub_cache(saved_model, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr
     # ... and without it, through the code stored in the repo
-    out = run_without_histomim("org/histomim-vitb", folder.parent / "reference.safetensors", env=env)
+    out = run_without_histomim(load_encoder_snippet("org/histomim-vitb", folder.parent / "reference.safetensors"), env=env)
     assert "LOADED transformers_modules" in out
 
 

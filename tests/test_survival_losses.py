@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from histomim.survival.heads import (
+from histomim.multimodal.heads import (
     BreslowBaseline,
     CoxHead,
     DiscreteTimeHead,
@@ -14,8 +14,8 @@ from histomim.survival.heads import (
     discrete_survival_at,
     hazards_to_survival,
 )
+from histomim.multimodal.losses import cox_partial_likelihood_loss, discrete_time_nll_loss
 from histomim.survival.labels import split_survival
-from histomim.survival.losses import cox_partial_likelihood_loss, discrete_time_nll_loss
 
 # five patients; two events tied at t=2, one censored at t=3
 RISK = torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4], dtype=torch.float64)

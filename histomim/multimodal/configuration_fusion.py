@@ -12,6 +12,12 @@ FUSIONS = ("concat", "bilinear", "coattention")
 HEADS = ("cox", "discrete")
 COX_TIES = ("breslow", "efron")
 
+# Where the saved files live, so a saved model loads with trust_remote_code=True without histomim installed.
+AUTO_MAP = {
+    "AutoConfig": "configuration_fusion.HistoFusionConfig",
+    "AutoModel": "modeling_fusion.HistoFusionForSurvival",
+}
+
 
 def _as_size(value: int | Sequence[int], spatial_dims: int) -> list[int]:
     return [int(value)] * spatial_dims if isinstance(value, int) else [int(v) for v in value]
@@ -102,6 +108,7 @@ class HistoFusionConfig(PretrainedConfig):
         self.radiology_num_channels = radiology_num_channels
         self.radiology_image_size = _as_size(radiology_image_size, radiology_spatial_dims)
         self.radiology_channels = list(radiology_channels)
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self._validate()
 

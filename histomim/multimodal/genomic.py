@@ -12,13 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 class SNNLinear(nn.Linear):
@@ -94,7 +90,7 @@ class PathwayEncoder(nn.Module):
 
 def pathway_assignment(
     feature_names: Sequence[str],
-    gene_sets: Mapping[str, Iterable[str]] | pd.DataFrame,
+    gene_sets: Mapping[str, Iterable[str]] | "pandas.DataFrame",  # noqa: F821 (pandas is not imported here)
     pathway_column: str = "pathway",
     gene_column: str = "gene",
 ) -> dict[str, list[int]]:

@@ -12,13 +12,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from peft import PeftModel
 
 
 class MILOutput(NamedTuple):
@@ -160,7 +157,7 @@ def add_lora(
     lora_dropout: float = 0.0,
     target_modules: Sequence[str] = ("qkv",),
     trainable_modules: Sequence[str] = (),
-) -> PeftModel:
+) -> "peft.PeftModel":  # noqa: F821 (peft is optional; see below)
     """Wrap ``model`` with PEFT LoRA adapters on its attention projections.
 
     Only the adapters and the modules named in ``trainable_modules`` (PEFT ``modules_to_save``,
@@ -173,7 +170,10 @@ def add_lora(
         target_modules: names of the ``nn.Linear`` layers to adapt; in a HistoMIM ViT ``"qkv"``
             (fused attention input) and ``"proj"`` (attention output).
     """
-    from peft import LoraConfig, get_peft_model
+    try:  # inside try: transformers' remote-code import scan skips it, so peft stays optional
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("LoRA adapters need peft: pip install peft") from error
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     absent = [name for name in (*target_modules, *trainable_modules) if name.rsplit(".", 1)[-1] not in names]

@@ -10,6 +10,7 @@ it (rows with NaN genomic/radiology values, bags without real tiles are missing)
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -19,13 +20,6 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from ..survival.heads import (
-    CoxHead,
-    DiscreteTimeHead,
-    discrete_risk,
-    hazards_to_survival,
-)
-from ..survival.losses import cox_partial_likelihood_loss, discrete_time_nll_loss
 from .configuration_fusion import HistoFusionConfig
 from .fusion import (
     BilinearFusion,
@@ -35,6 +29,8 @@ from .fusion import (
     drop_modalities,
 )
 from .genomic import PathwayEncoder, SNNEncoder, SNNLinear
+from .heads import CoxHead, DiscreteTimeHead, discrete_risk, hazards_to_survival
+from .losses import cox_partial_likelihood_loss, discrete_time_nll_loss
 from .mil import ABMIL, TileEncoderMIL
 from .radiology import RadiologyEncoder
 
@@ -93,6 +89,10 @@ class HistoFusionPreTrainedModel(PreTrainedModel):
 class HistoFusionForSurvival(HistoFusionPreTrainedModel):
     """Encode each configured modality to ``hidden_size``, fuse under a modality mask, predict survival.
 
+    Saved models carry this file and its sibling files, so they load with
+    ``AutoModel.from_pretrained(path, trust_remote_code=True)`` where histomim is not installed, except
+    end-to-end histology models: the HistoMIM ViT comes from ``histomim.mim``, which must be installed.
+
     End-to-end histology (``config.histology_encoder`` set): start the ViT from a pretrained encoder
     with ``model.histology_encoder.encoder.load_state_dict(HistoMIMModel.from_pretrained(path).state_dict())``,
     then train it through LoRA with ``add_lora(model, target_modules=["qkv"],
@@ -140,7 +140,11 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
 
     @staticmethod
     def _build_histology_encoder(config: HistoFusionConfig) -> nn.Module:
-        """ABMIL over precomputed tile features, or a HistoMIM ViT + ABMIL over tile pixels."""
+        """ABMIL over precomputed tile features, or a HistoMIM ViT + ABMIL over tile pixels.
+
+        The tile-pixel path (``config.histology_encoder`` set) needs histomim installed: a saved
+        end-to-end model does not load with ``trust_remote_code=True`` alone, only the tile-feature one does.
+        """
         if config.histology_encoder is None:
             return ABMIL(
                 config.histology_feature_dim,
@@ -149,8 +153,10 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
                 config.dropout,
                 config.histology_max_tiles,
             )
-        from ..mim.configuration_histomim import HistoMIMConfig
-        from ..mim.modeling_histomim import HistoMIMModel
+        # Needs histomim installed, unlike the rest of this file; imported by name so that transformers'
+        # remote-code import scan does not demand histomim where only the saved files exist.
+        mim = importlib.import_module("histomim.mim")
+        HistoMIMConfig, HistoMIMModel = mim.HistoMIMConfig, mim.HistoMIMModel
 
         encoder_config = HistoMIMConfig(**{k: v for k, v in config.histology_encoder.items() if k != "model_type"})
         mil = ABMIL(

@@ -49,8 +49,13 @@ class Scan(NamedTuple):
 
 
 def _read_dicom_dataset(path: Path):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    # optional packages are imported inside try: transformers' remote-code import scan skips try blocks,
+    # so a saved fusion model loads without them unless this code path runs
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as error:
+        raise ImportError(f"reading {path} needs pydicom: pip install 'histomim[radiology]'") from error
 
     if not path.is_file():
         raise FileNotFoundError(f"DICOM file not found: {path}")
@@ -140,7 +145,12 @@ def read_nifti(path: str | os.PathLike) -> Scan:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a readable NIfTI image (the message names it).
     """
-    import nibabel as nib
+    # optional packages are imported inside try: transformers' remote-code import scan skips try blocks,
+    # so a saved fusion model loads without them unless this code path runs
+    try:
+        import nibabel as nib
+    except ImportError as error:
+        raise ImportError(f"reading {path} needs nibabel: pip install 'histomim[radiology]'") from error
 
     path = Path(path)
     if not path.is_file():

@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted, check_random_state
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .heads import BreslowBaseline, discrete_survival_at
+from ..multimodal.heads import BreslowBaseline, discrete_survival_at
 from .labels import bin_index, split_survival, time_bins
 
 
