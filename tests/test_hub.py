@@ -25,7 +25,7 @@ from histomim.hub import check_model_card, files_to_upload, render_model_card
 from histomim.training.pretrain import PretrainArguments, card_info, pretrain
 
 from conftest import tiny_config
-from test_loading import make_hub_cache, run_without_histomim
+from test_loading import load_encoder_snippet, make_hub_cache, run_without_histomim
 
 REPO_ID = "histomim-org/tiny-demo"
 
@@ -95,7 +95,7 @@ def test_uploaded_folder_loads_with_histomim_installed(published):
 
 def test_uploaded_folder_loads_with_trust_remote_code_without_histomim(published, tmp_path):
     _, _, uploaded, reference_file = published
-    out = run_without_histomim(str(uploaded), reference_file, env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
+    out = run_without_histomim(load_encoder_snippet(str(uploaded), reference_file), env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert "LOADED transformers_modules" in out
 
 
@@ -121,7 +121,7 @@ def test_uploaded_folder_resolves_by_repo_id_from_an_offline_hub_cache(published
         [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
     )
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
-    assert "LOADED transformers_modules" in run_without_histomim(REPO_ID, reference_file, env=env)
+    assert "LOADED transformers_modules" in run_without_histomim(load_encoder_snippet(REPO_ID, reference_file), env=env)
 
 
 def test_uploaded_model_card_describes_the_run(published):
