@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .export import from_vit_mae, from_vit_simmim
+from .export import from_vit_mae, from_vit_simmim, vit_encoder_settings
 from .mim.configuration_histomim import HistoMIMConfig
 from .mim.masking import block_random_mask, num_visible_patches
 
@@ -79,13 +79,7 @@ def reference_and_histomim(config: HistoMIMConfig) -> tuple[torch.nn.Module, tor
     """transformers' model for `config.objective` and the histomim model holding the same weights."""
     from transformers import ViTConfig, ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEForPreTraining
 
-    shared = dict(
-        image_size=config.image_size, patch_size=config.patch_size, num_channels=config.num_channels,
-        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-        qkv_bias=config.qkv_bias, layer_norm_eps=config.layer_norm_eps,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
+    shared = dict(**vit_encoder_settings(config), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if config.objective == "mae":
         reference = ViTMAEForPreTraining(ViTMAEConfig(
             **shared, mask_ratio=config.mask_ratio, norm_pix_loss=config.norm_pix_loss,

@@ -5,7 +5,8 @@
 - `from_vit_mae(path)`: a `HistoMIMForPreTraining` initialised from a transformers `ViTMAEForPreTraining`
   checkpoint, for continued (domain-adaptive) pretraining from natural-image MAE weights.
 
-Both directions share one table of block parameter names, so they cannot drift apart.
+Both directions share one table of hyperparameter names and one of parameter names, so they cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -33,6 +34,27 @@ HF_LAYOUTS = {
     },
 }
 RENAMED = ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+# histomim encoder parameter -> transformers ViT parameter, outside the blocks
+HF_ENCODER_NAMES = {
+    "embeddings.cls_token": "embeddings.cls_token",
+    "embeddings.position_embeddings": "embeddings.position_embeddings",
+    "embeddings.patch_embed.weight": "embeddings.patch_embeddings.projection.weight",
+    "embeddings.patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+
+# encoder hyperparameters that histomim's and transformers' ViT configs name alike
+VIT_ENCODER_FIELDS = (
+    "image_size", "patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "intermediate_size", "qkv_bias", "hidden_act", "layer_norm_eps",
+)
+
+
+def vit_encoder_settings(config) -> dict:
+    """The encoder hyperparameters of a histomim or transformers ViT-family config, to build the other's."""
+    return {name: getattr(config, name) for name in VIT_ENCODER_FIELDS}
 
 
 def hf_layout(state_keys) -> dict:
@@ -67,6 +89,18 @@ def histomim_blocks_to_hf(state: dict, layout: dict, src: str, dst: str, depth: 
     return out
 
 
+def hf_encoder_to_histomim(state: dict, layout: dict, src: str, dst: str, depth: int) -> dict:
+    """A transformers ViT encoder under prefix `src` (e.g. "vit.") -> histomim encoder parameters under `dst`."""
+    mapped = {dst + ours: state[src + theirs] for ours, theirs in HF_ENCODER_NAMES.items()}
+    return {**mapped, **hf_blocks_to_histomim(state, layout, src + layout["layers"], dst + "blocks.", depth)}
+
+
+def histomim_encoder_to_hf(state: dict, layout: dict, depth: int) -> dict:
+    """Inverse of `hf_encoder_to_histomim` for a bare encoder (no prefixes), as `transformers.ViTModel` names it."""
+    mapped = {theirs: state[ours] for ours, theirs in HF_ENCODER_NAMES.items()}
+    return {**mapped, **histomim_blocks_to_hf(state, layout, "blocks.", layout["layers"], depth)}
+
+
 def to_vit(model) -> "transformers.ViTModel":  # noqa: F821
     """Export a histomim encoder (or a model containing one) as a plain `transformers.ViTModel`.
 
@@ -80,32 +114,9 @@ def to_vit(model) -> "transformers.ViTModel":  # noqa: F821
     if config.num_register_tokens or config.layerscale_init is not None:
         raise ValueError("to_vit: register tokens and LayerScale have no transformers ViT equivalent")
 
-    vit_config = ViTConfig(
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        num_channels=config.num_channels,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        intermediate_size=config.intermediate_size,
-        hidden_act=config.hidden_act,
-        layer_norm_eps=config.layer_norm_eps,
-        qkv_bias=config.qkv_bias,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    vit_config = ViTConfig(**vit_encoder_settings(config), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     vit = ViTModel(vit_config, add_pooling_layer=False)
-    layout = hf_layout(vit.state_dict())
-    state = encoder.state_dict()
-    mapped = {
-        "embeddings.cls_token": state["embeddings.cls_token"],
-        "embeddings.position_embeddings": state["embeddings.position_embeddings"],
-        "embeddings.patch_embeddings.projection.weight": state["embeddings.patch_embed.weight"],
-        "embeddings.patch_embeddings.projection.bias": state["embeddings.patch_embed.bias"],
-        "layernorm.weight": state["norm.weight"],
-        "layernorm.bias": state["norm.bias"],
-        **histomim_blocks_to_hf(state, layout, "blocks.", layout["layers"], config.num_hidden_layers),
-    }
+    mapped = histomim_encoder_to_hf(encoder.state_dict(), hf_layout(vit.state_dict()), config.num_hidden_layers)
     missing, unexpected = vit.load_state_dict(mapped, strict=False)
     missing = [k for k in missing if k != "embeddings.mask_token"]
     if missing or unexpected:
@@ -132,10 +143,7 @@ def from_vit_mae(path_or_model, **config_overrides) -> HistoMIMForPreTraining:
         raise ValueError(f"from_vit_mae expects a vit_mae checkpoint, got model_type {src.model_type!r}")
 
     settings = dict(
-        image_size=src.image_size, patch_size=src.patch_size, num_channels=src.num_channels,
-        hidden_size=src.hidden_size, num_hidden_layers=src.num_hidden_layers,
-        num_attention_heads=src.num_attention_heads, intermediate_size=src.intermediate_size,
-        qkv_bias=src.qkv_bias, hidden_act=src.hidden_act, layer_norm_eps=src.layer_norm_eps,
+        **vit_encoder_settings(src),
         decoder_hidden_size=src.decoder_hidden_size, decoder_num_hidden_layers=src.decoder_num_hidden_layers,
         decoder_num_attention_heads=src.decoder_num_attention_heads,
         decoder_intermediate_size=src.decoder_intermediate_size, mask_ratio=src.mask_ratio,
@@ -148,12 +156,7 @@ def from_vit_mae(path_or_model, **config_overrides) -> HistoMIMForPreTraining:
     state = source.state_dict()
     layout = hf_layout(state)
     mapped = {
-        "histomim.embeddings.cls_token": state["vit.embeddings.cls_token"],
-        "histomim.embeddings.position_embeddings": state["vit.embeddings.position_embeddings"],
-        "histomim.embeddings.patch_embed.weight": state["vit.embeddings.patch_embeddings.projection.weight"],
-        "histomim.embeddings.patch_embed.bias": state["vit.embeddings.patch_embeddings.projection.bias"],
-        "histomim.norm.weight": state["vit.layernorm.weight"],
-        "histomim.norm.bias": state["vit.layernorm.bias"],
+        **hf_encoder_to_histomim(state, layout, "vit.", "histomim.", src.num_hidden_layers),
         "decoder.embed.weight": state["decoder.decoder_embed.weight"],
         "decoder.embed.bias": state["decoder.decoder_embed.bias"],
         "decoder.mask_token": state["decoder.mask_token"],
@@ -162,7 +165,6 @@ def from_vit_mae(path_or_model, **config_overrides) -> HistoMIMForPreTraining:
         "decoder.norm.bias": state["decoder.decoder_norm.bias"],
         "decoder.pred.weight": state["decoder.decoder_pred.weight"],
         "decoder.pred.bias": state["decoder.decoder_pred.bias"],
-        **hf_blocks_to_histomim(state, layout, "vit." + layout["layers"], "histomim.blocks.", src.num_hidden_layers),
         **hf_blocks_to_histomim(state, layout, "decoder.decoder_layers.", "decoder.blocks.", src.decoder_num_hidden_layers),
     }
     model.load_state_dict(mapped, strict=True)
@@ -176,10 +178,7 @@ def from_vit_simmim(model, **config_overrides) -> HistoMIMForPreTraining:
     if src.encoder_stride != src.patch_size:
         raise ValueError("from_vit_simmim: encoder_stride must equal patch_size (one prediction per patch)")
     settings = dict(
-        image_size=src.image_size, patch_size=src.patch_size, num_channels=src.num_channels,
-        hidden_size=src.hidden_size, num_hidden_layers=src.num_hidden_layers,
-        num_attention_heads=src.num_attention_heads, intermediate_size=src.intermediate_size,
-        qkv_bias=src.qkv_bias, hidden_act=src.hidden_act, layer_norm_eps=src.layer_norm_eps,
+        **vit_encoder_settings(src),
         objective="simmim", position_embedding="learned", pooling="cls", norm_pix_loss=False,
     )
     settings.update(config_overrides)
@@ -192,19 +191,16 @@ def from_vit_simmim(model, **config_overrides) -> HistoMIMForPreTraining:
     head_weight = state["decoder.0.weight"].view(channels, patch, patch, dim).permute(1, 2, 0, 3).reshape(-1, dim)
     head_bias = state["decoder.0.bias"].view(channels, patch, patch).permute(1, 2, 0).reshape(-1)
     mapped = {
-        "histomim.embeddings.cls_token": state["vit.embeddings.cls_token"],
+        **hf_encoder_to_histomim(state, layout, "vit.", "histomim.", src.num_hidden_layers),
         "histomim.embeddings.mask_token": state["vit.embeddings.mask_token"],
-        "histomim.embeddings.position_embeddings": state["vit.embeddings.position_embeddings"],
-        "histomim.embeddings.patch_embed.weight": state["vit.embeddings.patch_embeddings.projection.weight"],
-        "histomim.embeddings.patch_embed.bias": state["vit.embeddings.patch_embeddings.projection.bias"],
-        "histomim.norm.weight": state["vit.layernorm.weight"],
-        "histomim.norm.bias": state["vit.layernorm.bias"],
         "simmim_head.weight": head_weight,
         "simmim_head.bias": head_bias,
-        **hf_blocks_to_histomim(state, layout, "vit." + layout["layers"], "histomim.blocks.", src.num_hidden_layers),
     }
     ours.load_state_dict(mapped, strict=True)
     return ours
 
 
-__all__ = ["to_vit", "from_vit_mae", "from_vit_simmim", "hf_blocks_to_histomim", "histomim_blocks_to_hf"]
+__all__ = [
+    "to_vit", "from_vit_mae", "from_vit_simmim", "vit_encoder_settings",
+    "hf_encoder_to_histomim", "histomim_encoder_to_hf", "hf_blocks_to_histomim", "histomim_blocks_to_hf",
+]
