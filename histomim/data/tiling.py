@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..atomic import atomic_path
 from .slides import SLIDE_EXTENSIONS, Slide, SlideError, open_slide
 from .tissue import TissueMask, detect_tissue, require_tissue, save_tissue_overlay
 
@@ -344,17 +345,13 @@ def _manifest_path(out_dir: Path, slide_id: str) -> Path:
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    frame.to_parquet(partial, index=False)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        frame.to_parquet(partial, index=False)
 
 
 def _write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _check_unique_ids(slides: list[Path]) -> None:

@@ -7,13 +7,13 @@ fills small holes and drops specks of dust.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .slides import Slide, SlideError
 
 if TYPE_CHECKING:
@@ -177,8 +177,6 @@ def save_tissue_overlay(
     axes.set_axis_off()
     figure.tight_layout()
 
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = png_path.with_name(png_path.name + ".partial.png")
-    figure.savefig(partial)
-    os.replace(partial, png_path)
+    with atomic_path(png_path) as partial:
+        figure.savefig(partial, format="png")
     return png_path

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.utils import ModelOutput
 
 from .configuration_histomim import HistoMIMConfig
-from .masking import block_random_mask, num_visible_patches, random_masking
+from .masking import block_random_mask, random_masking
 
 
 # --------------------------------------------------------------------------- position embeddings

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .labels import split_survival
 
 GROUPINGS = {"median": ("low risk", "high risk"), "tertiles": ("low risk", "intermediate risk", "high risk")}
@@ -82,8 +83,7 @@ def plot_risk_groups(
     ax.text(0.02, 0.04, note, transform=ax.transAxes)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=120, format="png")
     plt.close(fig)
     return {"chisq": float(chisq), "p_value": float(p_value)}

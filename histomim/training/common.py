@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
+
 CHECKPOINT_PREFIX = "step_"
 PARTIAL_PREFIX = ".partial-"
 LATEST_NAME = "latest"
@@ -134,12 +136,6 @@ def complete_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(PARTIAL_PREFIX + path.name)
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def save_checkpoint(
     accelerator, checkpoints_dir: str | Path, step: int, training_state: dict, total_limit: int | None = None
 ) -> Path:
@@ -171,7 +167,8 @@ def save_checkpoint(
             shutil.rmtree(stale)
         else:
             os.replace(partial, final)
-        _write_atomically(checkpoints_dir / LATEST_NAME, name + "\n")
+        with atomic_path(checkpoints_dir / LATEST_NAME) as latest:
+            latest.write_text(name + "\n")
         if total_limit is not None and total_limit > 0:
             for old in complete_checkpoints(checkpoints_dir)[:-total_limit]:
                 if old != final:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
+
 
 def _pyplot():
     import matplotlib
@@ -111,8 +113,8 @@ def _save(figure, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
     return path
 

@@ -1,0 +1,33 @@
+"""Atomic file writes: write a sibling, then move it into place with one ``os.replace``.
+
+Readers, and reruns after a kill, see either the previous file or the complete new one, never a
+truncated one; rerun logic that skips finished work ("the file exists") can trust what it finds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield ``<path>.partial`` to write to; on success it replaces `path`, on an error it is removed.
+
+    The ``.partial`` suffix keeps leftovers of a killed process out of globs such as ``*.parquet``;
+    writers that infer the format from the suffix need it passed explicitly (``savefig(..., format="png")``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+
+
+__all__ = ["atomic_path"]
