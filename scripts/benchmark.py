@@ -11,8 +11,8 @@ from pathlib import Path
 
 from histomim import HistoMIMConfig
 from histomim.benchmark import data_pipeline_throughput, format_report, run_benchmark
+from histomim.presets import config_source
 
-PRESETS = Path(__file__).resolve().parents[1] / "hub_configs"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,9 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    source = PRESETS / args.preset if (PRESETS / args.preset).is_dir() else args.preset
     overrides = {"image_size": args.image_size} if args.image_size else {}
-    config = HistoMIMConfig.from_pretrained(source, **overrides)
+    config = HistoMIMConfig.from_pretrained(config_source(args.preset), **overrides)
     report = run_benchmark(
         config, objectives=tuple(args.objectives), device=args.device, batch_size=args.batch_size,
         steps=args.steps, warmup=args.warmup, dtype=args.dtype, compile=args.compile,

@@ -38,6 +38,7 @@ import torch
 from transformers.hf_argparser import HfArg
 
 from ..mim import HistoMIMConfig, HistoMIMForPreTraining, image_processor_for
+from ..presets import config_source, preset_names
 from .common import (
     ThroughputMeter,
     derive_seed,
@@ -52,7 +53,6 @@ from .common import (
     warmup_cosine_schedule,
 )
 
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "hub_configs"
 DEFAULT_PRESET = "histomim-vit-tiny16"
 DEFAULT_OUTPUT_DIR = "outputs/histomim-tiny-demo"
 # Without --data: the tiny preset on the sample slide, sized to finish in a minute or two on 2 CPU cores
@@ -239,14 +239,11 @@ def with_demo_defaults(args: PretrainArguments) -> PretrainArguments:
 
 def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoMIMConfig:
     """The preset/folder/Hub config with the command line's overrides applied (and validated)."""
-    preset = PRESETS_DIR / args.config
-    source = args.config if Path(args.config).exists() or not preset.is_dir() else str(preset)
     try:
-        settings, _ = HistoMIMConfig.get_config_dict(source)
+        settings, _ = HistoMIMConfig.get_config_dict(config_source(args.config))
     except OSError as error:
-        presets = sorted(p.name for p in PRESETS_DIR.iterdir()) if PRESETS_DIR.is_dir() else []
         raise FileNotFoundError(
-            f"--config {args.config!r} is not a config folder, a preset ({', '.join(presets)}) "
+            f"--config {args.config!r} is not a config folder, a preset ({', '.join(preset_names())}) "
             f"or a reachable Hub id: {error}"
         ) from error
     if settings.get("model_type") != HistoMIMConfig.model_type:
