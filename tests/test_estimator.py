@@ -183,6 +183,14 @@ def test_histology_and_radiology_columns_feed_the_fusion_model(tmp_path, cohort)
     broken.loc[broken.index[5], "slides"] = str(tmp_path / "lost.npy")
     with pytest.raises(FileNotFoundError, match=rf"column 'slides', row {broken.index[5]!r}: .*lost\.npy"):
         model.predict(broken)
+    broken = X.copy()
+    broken.loc[broken.index[6], "ct"] = str(tmp_path / "gone.dcm")
+    with pytest.raises(FileNotFoundError, match=rf"column 'ct', row {broken.index[6]!r}: .*gone\.dcm"):
+        model.predict(broken)
+    broken.loc[broken.index[6], "ct"] = str(tmp_path / "not-a-scan.dcm")
+    (tmp_path / "not-a-scan.dcm").write_bytes(b"not a DICOM file")
+    with pytest.raises(ValueError, match=rf"column 'ct', row {broken.index[6]!r}: .*not-a-scan\.dcm"):
+        model.predict(broken)
 
 
 @pytest.mark.parametrize("head", ["cox", "discrete"])

@@ -145,28 +145,19 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
         The tile-pixel path (``config.histology_encoder`` set) needs histomim installed: a saved
         end-to-end model does not load with ``trust_remote_code=True`` alone, only the tile-feature one does.
         """
-        if config.histology_encoder is None:
+        def abmil(feature_dim: int) -> ABMIL:
             return ABMIL(
-                config.histology_feature_dim,
-                config.hidden_size,
-                config.histology_attention_dim,
-                config.dropout,
-                config.histology_max_tiles,
+                feature_dim, config.hidden_size, config.histology_attention_dim, config.dropout, config.histology_max_tiles
             )
+
+        if config.histology_encoder is None:
+            return abmil(config.histology_feature_dim)
         # Needs histomim installed, unlike the rest of this file; imported by name so that transformers'
         # remote-code import scan does not demand histomim where only the saved files exist.
         mim = importlib.import_module("histomim.mim")
-        HistoMIMConfig, HistoMIMModel = mim.HistoMIMConfig, mim.HistoMIMModel
-
-        encoder_config = HistoMIMConfig(**{k: v for k, v in config.histology_encoder.items() if k != "model_type"})
-        mil = ABMIL(
-            encoder_config.pooled_size,
-            config.hidden_size,
-            config.histology_attention_dim,
-            config.dropout,
-            config.histology_max_tiles,
-        )
-        return TileEncoderMIL(HistoMIMModel(encoder_config), mil)
+        settings = {k: v for k, v in config.histology_encoder.items() if k != "model_type"}
+        encoder = mim.HistoMIMModel(mim.HistoMIMConfig(**settings))
+        return TileEncoderMIL(encoder, abmil(encoder.config.pooled_size))
 
     # ------------------------------------------------------------------------------------ inputs
 

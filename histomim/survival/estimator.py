@@ -11,8 +11,8 @@ modalities of the fusion model. It plugs into sksurv metrics and sklearn's ``cro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,15 @@ def make_tabular_encoder():
         (OneHotEncoder(handle_unknown="ignore", sparse_output=False), make_column_selector(dtype_exclude="number")),
         verbose_feature_names_out=False,
     )
+
+
+@contextmanager
+def _naming_cell(column: str, row) -> Iterator[None]:
+    """Prefix a missing or unreadable file's error with the table cell that named it."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as error:
+        raise type(error)(f"column {column!r}, row {row!r}: {error}") from None
 
 
 def _as_list(cell) -> list:
@@ -191,10 +200,8 @@ class SurvivalEstimator(BaseEstimator):
             bags = []
             for row, cell in frame[self.histology_col].items():
                 files = _as_list(cell)
-                try:
+                with _naming_cell(self.histology_col, row):
                     bags.append(torch.cat([load_tile_features(f) for f in files]) if files else None)  # (N_i, D)
-                except (FileNotFoundError, ValueError) as error:
-                    raise type(error)(f"column {self.histology_col!r}, row {row!r}: {error}") from None
             inputs["histology"] = bags
         if self.radiology_col is not None:
             from ..multimodal.radiology import load_scan
@@ -206,11 +213,8 @@ class SurvivalEstimator(BaseEstimator):
                     raise ValueError(
                         f"column {self.radiology_col!r}, row {row!r}: one scan per patient, got {len(files)}"
                     )
-                if files and not Path(files[0]).exists():
-                    raise FileNotFoundError(
-                        f"column {self.radiology_col!r}, row {row!r}: scan {files[0]!r} does not exist"
-                    )
-                scans.append(load_scan(files[0], size=self.radiology_size) if files else None)  # (1, *spatial)
+                with _naming_cell(self.radiology_col, row):
+                    scans.append(load_scan(files[0], size=self.radiology_size) if files else None)  # (1, *spatial)
             inputs["radiology"] = scans
         return inputs
 
