@@ -32,6 +32,8 @@ def _register_auto_classes() -> None:
     AutoModelForImageClassification.register(HistoMIMConfig, HistoMIMForImageClassification, exist_ok=True)
     processor_class = type(image_processor_for(HistoMIMConfig()))
     AutoImageProcessor.register(HistoMIMConfig, slow_image_processor_class=processor_class, exist_ok=True)
+    AutoConfig.register("histofusion", HistoFusionConfig, exist_ok=True)
+    AutoModel.register(HistoFusionConfig, HistoFusionForSurvival, exist_ok=True)
 
     # Saved models carry their code, so they also load with trust_remote_code=True without histomim.
     HistoMIMConfig.register_for_auto_class("AutoConfig")
@@ -40,10 +42,6 @@ def _register_auto_classes() -> None:
     HistoMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     HistoFusionConfig.register_for_auto_class("AutoConfig")
     HistoFusionForSurvival.register_for_auto_class("AutoModel")
-
-    from .multimodal.modeling_fusion import register_auto_classes as register_fusion
-
-    register_fusion()
 
 
 _register_auto_classes()

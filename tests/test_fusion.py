@@ -19,10 +19,7 @@ from transformers import AutoConfig, AutoModel
 
 from histomim.multimodal.configuration_fusion import HistoFusionConfig
 from histomim.multimodal.fusion import BilinearFusion, drop_modalities
-from histomim.multimodal.modeling_fusion import (
-    HistoFusionForSurvival,
-    register_auto_classes,
-)
+from histomim.multimodal.modeling_fusion import HistoFusionForSurvival
 
 TILES_PER_PATIENT = 8
 
@@ -234,8 +231,8 @@ def test_drop_modalities_never_removes_every_modality():
 
 
 def test_save_and_load_through_automodel_gives_identical_predictions(cohort, tmp_path):
-    register_auto_classes()
-    register_auto_classes()  # idempotent
+    import histomim  # noqa: F401  (registers model_type "histofusion" with the Auto classes)
+
     config = make_config(
         ["genomic", "histology", "radiology"],
         fusion="coattention",

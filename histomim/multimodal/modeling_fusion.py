@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -344,10 +344,4 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
         return discrete_time_nll_loss(logits, bin_index.long(), event.bool(), alpha=self.config.discrete_loss_alpha)
 
 
-def register_auto_classes() -> None:
-    """Make ``AutoConfig``/``AutoModel`` resolve ``model_type="histofusion"`` (idempotent)."""
-    AutoConfig.register("histofusion", HistoFusionConfig, exist_ok=True)
-    AutoModel.register(HistoFusionConfig, HistoFusionForSurvival, exist_ok=True)
-
-
-__all__ = ["HistoFusionForSurvival", "HistoFusionPreTrainedModel", "SurvivalModelOutput", "register_auto_classes"]
+__all__ = ["HistoFusionForSurvival", "HistoFusionPreTrainedModel", "SurvivalModelOutput"]
