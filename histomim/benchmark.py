@@ -3,9 +3,11 @@
 For each objective the reference model is built from the preset, and the histomim model is imported
 from it (`histomim.export`), so both hold the same weights. Each then runs the same training step
 (forward + backward + AdamW, fused on CUDA; bf16 autocast on GPU) on the same random batch and mask
-ratio. Reported per implementation: img/s, step time, model TFLOP/s, MFU against a matmul peak measured
-in the same run, peak memory, and the histomim/reference ratio; plus the loss difference for one
-shared mask in fp32 (exactness).
+ratio. Each row (a `Variant`: implementation, compile mode, attention kernel, fused or foreach AdamW,
+float8) reports img/s, step time, model TFLOP/s, MFU against a matmul peak measured in the same run,
+peak memory and its loss for one shared mask before training (in the benchmark dtype on the device);
+every histomim row is compared with every transformers row (img/s ratio, loss difference). The fp32
+loss difference on the CPU is the exactness check.
 
 FLOPs are counted analytically as 6 x multiply-accumulates of the forward matmuls (QKV/proj/MLP,
 attention scores and values, patch embedding, decoder embedding and prediction): 2 FLOPs per MAC,
@@ -129,6 +131,43 @@ def loss_difference(config: HistoMIMConfig, batch: int = 4) -> float:
 # --------------------------------------------------------------------------- timing
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One row of the benchmark: an implementation and the switches it runs with."""
+
+    implementation: str  # "transformers" or "histomim"
+    compile_mode: str | None = None  # None: eager; else a torch.compile mode ("default", "reduce-overhead", ...)
+    attention: str = "sdpa"  # "sdpa" or "eager" (the attention kernels)
+    fused_adamw: bool = True  # fused AdamW on CUDA (foreach otherwise)
+    float8: bool = False  # torchao float8 linears (histomim only; trades exactness)
+
+    @property
+    def label(self) -> str:
+        parts = [self.implementation]
+        if self.compile_mode:
+            parts.append("compiled" if self.compile_mode == "default" else f"compiled {self.compile_mode}")
+        if self.attention != "sdpa":
+            parts.append(f"{self.attention} attention")
+        if not self.fused_adamw:
+            parts.append("unfused AdamW")
+        if self.float8:
+            parts.append("float8")
+        return ", ".join(parts)
+
+
+def standard_variants(compile_modes=(None,), float8: bool = False, ablations: bool = False) -> list[Variant]:
+    """transformers and histomim under each compile mode (None = eager); with `float8`, histomim in float8
+    under the last mode; with `ablations`, histomim without SDPA and without fused AdamW under the first
+    mode, to show what each bought."""
+    variants = [Variant(name, mode) for mode in compile_modes for name in ("transformers", "histomim")]
+    if ablations:
+        variants += [Variant("histomim", compile_modes[0], attention="eager"),
+                     Variant("histomim", compile_modes[0], fused_adamw=False)]
+    if float8:
+        variants.append(Variant("histomim", compile_modes[-1], float8=True))
+    return variants
+
+
 @dataclass
 class Result:
     implementation: str
@@ -139,12 +178,31 @@ class Result:
     model_tflops: float
     mfu: float
     peak_memory_gib: float | None
+    variant: str = ""
     compiled: bool = False
+    shared_mask_loss: float | None = None  # loss before training for a mask fixed by seed 0, benchmark dtype
+    loss_difference: float | None = None  # |shared_mask_loss - transformers' (eager)| for histomim rows
+    error: str | None = None  # why this row could not run (e.g. float8 without torchao); the others still do
 
 
-def time_training_steps(model, inputs_fn, pixels, device, dtype, steps, warmup) -> list[float]:
+def build_variant(variant: Variant, config: HistoMIMConfig, device: torch.device) -> torch.nn.Module:
+    """The (uncompiled) model of `variant` on `device`, built from the seeded reference so that every
+    variant starts from the same weights."""
+    torch.manual_seed(0)
+    reference, ours = reference_and_histomim(config)
+    model = reference if variant.implementation == "transformers" else ours
+    model.config._attn_implementation = variant.attention
+    if variant.float8:
+        from .training.float8 import convert_to_float8
+
+        convert_to_float8(model)
+    return model.to(device).train()
+
+
+def time_training_steps(model, inputs_fn, pixels, device, dtype, steps, warmup, fused_adamw=True) -> list[float]:
     """Seconds per training step (forward + backward + AdamW) after `warmup` steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fused = fused_adamw and device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     times = []
     for step in range(warmup + steps):
@@ -161,6 +219,22 @@ def time_training_steps(model, inputs_fn, pixels, device, dtype, steps, warmup) 
     return times
 
 
+def shared_mask_loss(model, config: HistoMIMConfig, pixels: torch.Tensor, dtype: torch.dtype) -> float:
+    """`model`'s loss on `pixels` for a mask drawn from seed 0 (the same for every variant), without grad."""
+    generator = torch.Generator().manual_seed(0)
+    batch = pixels.shape[0]
+    if config.objective == "mae":
+        masking = {"noise": torch.rand(batch, config.num_patches, generator=generator).to(pixels.device)}
+    else:
+        coarse = config.image_size // config.mask_patch_size
+        noise = torch.rand(batch, coarse * coarse, generator=generator).to(pixels.device)
+        grid = config.image_size // config.patch_size
+        masking = {"bool_masked_pos": block_random_mask(
+            batch, grid, config.mask_patch_size, config.patch_size, config.mask_ratio, noise)}
+    with torch.no_grad(), torch.autocast(pixels.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        return model(pixels, **masking).loss.item()
+
+
 @dataclass
 class BenchmarkReport:
     device: str
@@ -170,9 +244,25 @@ class BenchmarkReport:
     ratios: dict = field(default_factory=dict)
     loss_difference_fp32: dict = field(default_factory=dict)
     flops_per_image: dict = field(default_factory=dict)
+    stain_jitter_img_per_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def update_comparisons(self) -> None:
+        """For every histomim row: its img/s over each transformers row's (`ratios[objective][ours][theirs]`),
+        and |its loss - transformers' eager loss| for the shared mask (`loss_difference` of the row)."""
+        self.ratios = {}
+        for objective in dict.fromkeys(r.objective for r in self.results):
+            rows = [r for r in self.results if r.objective == objective and r.error is None]
+            references = [r for r in rows if r.implementation == "transformers"]
+            ours = [r for r in rows if r.implementation == "histomim"]
+            self.ratios[objective] = {
+                row.variant: {ref.variant: row.img_per_s / ref.img_per_s for ref in references} for row in ours
+            }
+            if references:
+                for row in ours:
+                    row.loss_difference = abs(row.shared_mask_loss - references[0].shared_mask_loss)
 
 
 def run_benchmark(
@@ -183,49 +273,61 @@ def run_benchmark(
     steps: int = 15,
     warmup: int = 3,
     dtype: str = "bf16",
-    compile: bool = False,
+    variants: list[Variant] | None = None,
     peak_matmul_size: int = 8192,
     progress: bool = True,
+    on_result=None,
 ) -> BenchmarkReport:
-    """Benchmark histomim against transformers for each objective on one device, same config and batch."""
+    """Benchmark histomim against transformers for each objective on one device, same config and batch.
+
+    `variants` defaults to transformers and histomim in eager mode. `on_result(report)` is called after
+    every row, e.g. to write the JSON as it grows so that a run cut short keeps what it measured.
+    """
     from tqdm.auto import tqdm
 
+    variants = variants or standard_variants()
     torch_device = torch.device(device)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     peak = measure_matmul_peak(torch_device, torch_dtype if torch_device.type == "cuda" else torch.float32, peak_matmul_size)
     report = BenchmarkReport(device=describe_device(torch_device), dtype=dtype, matmul_peak_tflops=peak / 1e12)
+    report.stain_jitter_img_per_s = stain_jitter_throughput(torch_device, image_size=config.image_size)
 
-    jobs = [(objective, name) for objective in objectives for name in ("transformers", "histomim")]
-    for objective, name in tqdm(jobs, desc="benchmark", disable=not progress):
+    jobs = [(objective, variant) for objective in objectives for variant in variants]
+    for objective, variant in tqdm(jobs, desc="benchmark", disable=not progress):
         run_config = objective_config(config, objective)
-        if name == "transformers":
+        if objective not in report.flops_per_image:
             report.loss_difference_fp32[objective] = loss_difference(run_config)
             report.flops_per_image[objective] = training_flops_per_image(run_config)
-        torch.manual_seed(0)
-        reference, ours = reference_and_histomim(run_config)
-        model = (reference if name == "transformers" else ours).to(torch_device).train()
-        del reference, ours
-        if compile:
-            model = torch.compile(model)
         pixels = torch.randn(batch_size, run_config.num_channels, run_config.image_size, run_config.image_size,
-                             device=torch_device)
-        inputs_fn = lambda: reference_inputs(run_config, batch_size, torch_device)  # noqa: E731
-        if torch_device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(torch_device)
-        step_s = statistics.median(time_training_steps(model, inputs_fn, pixels, torch_device, torch_dtype, steps, warmup))
-        flops = report.flops_per_image[objective] * batch_size / step_s
-        report.results.append(Result(
-            implementation=name, objective=objective, batch_size=batch_size, img_per_s=batch_size / step_s,
-            step_ms=1000 * step_s, model_tflops=flops / 1e12, mfu=flops / peak, compiled=compile,
-            peak_memory_gib=torch.cuda.max_memory_allocated(torch_device) / 2**30 if torch_device.type == "cuda" else None,
-        ))
-        del model
+                             generator=torch.Generator().manual_seed(0)).to(torch_device)
+        row = dict(implementation=variant.implementation, objective=objective, batch_size=batch_size,
+                   variant=variant.label, compiled=variant.compile_mode is not None)
+        try:
+            model = build_variant(variant, run_config, torch_device)
+            loss = shared_mask_loss(model, run_config, pixels, torch_dtype)  # before any step: same weights for all
+            if variant.compile_mode:
+                model = torch.compile(model, mode=variant.compile_mode)
+            if torch_device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(torch_device)
+            inputs_fn = lambda: reference_inputs(run_config, batch_size, torch_device)  # noqa: E731
+            step_s = statistics.median(time_training_steps(
+                model, inputs_fn, pixels, torch_device, torch_dtype, steps, warmup, variant.fused_adamw))
+        except (ImportError, RuntimeError, ValueError) as error:  # one row failing (e.g. out of memory) keeps the others
+            report.results.append(Result(**row, img_per_s=0.0, step_ms=0.0, model_tflops=0.0, mfu=0.0,
+                                         peak_memory_gib=None, error=f"{type(error).__name__}: {error}"[:500]))
+        else:
+            flops = report.flops_per_image[objective] * batch_size / step_s
+            report.results.append(Result(
+                **row, img_per_s=batch_size / step_s, step_ms=1000 * step_s, model_tflops=flops / 1e12,
+                mfu=flops / peak, shared_mask_loss=loss,
+                peak_memory_gib=torch.cuda.max_memory_allocated(torch_device) / 2**30 if torch_device.type == "cuda" else None,
+            ))
+        model = None  # free the device memory before the next row
         if torch_device.type == "cuda":
             torch.cuda.empty_cache()
-
-    for objective in objectives:
-        speed = {r.implementation: r.img_per_s for r in report.results if r.objective == objective}
-        report.ratios[objective] = speed["histomim"] / speed["transformers"]
+        report.update_comparisons()
+        if on_result:
+            on_result(report)
     return report
 
 
@@ -248,7 +350,7 @@ def data_pipeline_throughput(
     from .data.samples import sample_slide_path
     from .data.tiles import load_tile_dataset
     from .data.tiling import tile_slides
-    from .data.transforms import color_jitter_batch, hed_jitter_batch, pretrain_transform
+    from .data.transforms import pretrain_transform
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per-core figures
@@ -275,18 +377,24 @@ def data_pipeline_throughput(
     finally:
         torch.set_num_threads(threads)
 
-    torch_device = torch.device(device)
-    pixels = torch.rand(batch_size, 3, image_size, image_size, device=torch_device)  # (B, 3, H, W) in [0, 1]
-    repeats = 5
+    figures["stain_jitter_on_device"] = stain_jitter_throughput(torch.device(device), image_size, batch_size)
+    figures["device"] = describe_device(torch.device(device))
+    return figures
+
+
+def stain_jitter_throughput(device: torch.device, image_size: int = 224, batch_size: int = 64, repeats: int = 5) -> float:
+    """Images/s of batched HED + colour jitter (`hed_jitter_batch`, `color_jitter_batch`) on `device`:
+    the cost of `--stain-jitter-on-device` in the training step."""
+    from .data.transforms import color_jitter_batch, hed_jitter_batch
+
+    pixels = torch.rand(batch_size, 3, image_size, image_size, device=device)  # (B, 3, H, W) in [0, 1]
     for step in range(2 + repeats):
         if step == 2:  # after warm-up
-            synchronize(torch_device)
+            synchronize(device)
             start = time.perf_counter()
         color_jitter_batch(hed_jitter_batch(pixels))
-    synchronize(torch_device)
-    figures["stain_jitter_on_device"] = batch_size * repeats / (time.perf_counter() - start)
-    figures["device"] = describe_device(torch_device)
-    return figures
+    synchronize(device)
+    return batch_size * repeats / (time.perf_counter() - start)
 
 
 def describe_device(device: torch.device) -> str:
@@ -298,22 +406,34 @@ def describe_device(device: torch.device) -> str:
 
 
 def format_report(report: BenchmarkReport) -> str:
-    """A markdown table for the terminal and docs/performance.md."""
+    """Markdown tables for the terminal and docs/performance.md."""
     lines = [
         f"device: {report.device}; dtype: {report.dtype}; measured matmul peak: {report.matmul_peak_tflops:.3g} TFLOP/s",
         "",
-        "| objective | implementation | batch | img/s | step ms | model TFLOP/s | MFU | peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| objective | implementation | batch | img/s | step ms | model TFLOP/s | MFU | peak GiB | loss diff vs transformers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report.results:
+        if r.error:
+            lines.append(f"| {r.objective} | {r.variant} | {r.batch_size} | failed: {r.error} | | | | | |")
+            continue
         memory = f"{r.peak_memory_gib:.1f}" if r.peak_memory_gib is not None else "-"
-        lines.append(f"| {r.objective} | {r.implementation}{' (compiled)' if r.compiled else ''} | {r.batch_size} | "
-                     f"{r.img_per_s:,.1f} | {r.step_ms:.1f} | {r.model_tflops:.3g} | {100 * r.mfu:.1f}% | {memory} |")
+        difference = f"{r.loss_difference:.2e}" if r.loss_difference is not None else "-"
+        lines.append(f"| {r.objective} | {r.variant} | {r.batch_size} | {r.img_per_s:,.1f} | {r.step_ms:.1f} | "
+                     f"{r.model_tflops:.3g} | {100 * r.mfu:.1f}% | {memory} | {difference} |")
     lines.append("")
-    for objective, ratio in report.ratios.items():
-        lines.append(f"{objective}: histomim / transformers = {ratio:.2f}x; "
-                     f"fp32 loss difference for one shared mask = {report.loss_difference_fp32[objective]:.2e}")
+    for objective, rows in report.ratios.items():
+        for ours, versus in rows.items():
+            against = "; ".join(f"{ratio:.2f}x {theirs}" for theirs, ratio in versus.items())
+            lines.append(f"{objective}: {ours} vs {against}")
+        lines.append(f"{objective}: fp32 CPU loss difference for one shared mask = "
+                     f"{report.loss_difference_fp32[objective]:.2e}")
+    if report.stain_jitter_img_per_s:
+        lines.append(f"batched HED + colour jitter on the device: {report.stain_jitter_img_per_s:,.0f} img/s")
     return "\n".join(lines)
 
 
-__all__ = ["run_benchmark", "data_pipeline_throughput", "format_report", "training_flops_per_image", "transformer_macs", "BenchmarkReport"]
+__all__ = [
+    "run_benchmark", "standard_variants", "Variant", "data_pipeline_throughput", "stain_jitter_throughput",
+    "format_report", "training_flops_per_image", "transformer_macs", "BenchmarkReport",
+]

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Benchmark histomim's MIM training step against transformers' own models, side by side in one run.
 
-GPU:  python scripts/benchmark.py --preset histomim-vitb16 --batch-size 256 --json bench.json
-CPU smoke run:  python scripts/benchmark.py --device cpu --preset histomim-vit-tiny16 --image-size 64 --batch-size 8
+GPU, the performance targets (eager and compiled, ratios against both transformers rows):
+    python scripts/benchmark.py --preset histomim-vitb16 --batch-size 256 --compile none default --json bench.json
+What each optimisation buys (histomim without SDPA, without fused AdamW; with float8 linears):
+    python scripts/benchmark.py --objectives mae --compile default --ablations --float8
+CPU smoke run:
+    python scripts/benchmark.py --device cpu --preset histomim-vit-tiny16 --image-size 64 --batch-size 8
 """
 
 import argparse
@@ -10,9 +14,11 @@ import json
 from pathlib import Path
 
 from histomim import HistoMIMConfig
-from histomim.benchmark import data_pipeline_throughput, format_report, run_benchmark
+from histomim.atomic import atomic_path
+from histomim.benchmark import data_pipeline_throughput, format_report, run_benchmark, standard_variants
 from histomim.presets import config_source
 
+COMPILE_MODES = ["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,27 +31,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256, help="images per training step (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="override the preset's image size (e.g. 64 for CPU)")
     parser.add_argument("--steps", type=int, default=15, help="timed steps; the median is reported (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed warm-up steps; compiled rows compile during these (default: %(default)s)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                         help="autocast dtype; fp32 disables autocast (default: %(default)s)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both implementations")
+    parser.add_argument("--compile", nargs="+", default=["none"], choices=COMPILE_MODES, metavar="MODE",
+                        help="run both implementations once per torch.compile mode listed; 'none' is eager "
+                             f"(choices: {', '.join(COMPILE_MODES)}; default: none). Compiling takes about a "
+                             "minute per row on a GPU")
+    parser.add_argument("--ablations", action="store_true",
+                        help="add histomim rows without SDPA (eager attention) and without fused AdamW, under "
+                             "the first --compile mode, to show what each buys")
+    parser.add_argument("--float8", action="store_true",
+                        help="add a histomim row with torchao float8 linears under the last --compile mode "
+                             "(needs torchao and an Ada/Hopper GPU; not exact, so its loss difference is reported)")
     parser.add_argument("--peak-matmul-size", type=int, default=8192,
                         help="side of the square matmul that measures the MFU peak (default: %(default)s)")
     parser.add_argument("--data-pipeline", action="store_true",
                         help="also measure input-pipeline throughput (tile decode and augmentation per CPU core, "
                              "batched stain jitter on --device) on the real sample slide")
-    parser.add_argument("--json", type=Path, default=None, help="also write the full report as JSON to this file")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the report as JSON to this file, rewritten after every row so that a run "
+                             "cut short keeps what it measured")
     return parser.parse_args(argv)
+
+
+def write_json(path: Path, output: dict) -> None:
+    with atomic_path(path) as partial:
+        partial.write_text(json.dumps(output, indent=2))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     overrides = {"image_size": args.image_size} if args.image_size else {}
     config = HistoMIMConfig.from_pretrained(config_source(args.preset), **overrides)
+    compile_modes = tuple(None if mode == "none" else mode for mode in args.compile)
     report = run_benchmark(
         config, objectives=tuple(args.objectives), device=args.device, batch_size=args.batch_size,
-        steps=args.steps, warmup=args.warmup, dtype=args.dtype, compile=args.compile,
-        peak_matmul_size=args.peak_matmul_size,
+        steps=args.steps, warmup=args.warmup, dtype=args.dtype, peak_matmul_size=args.peak_matmul_size,
+        variants=standard_variants(compile_modes, float8=args.float8, ablations=args.ablations),
+        on_result=(lambda partial: write_json(args.json, partial.to_dict())) if args.json else None,
     )
     print(format_report(report))
     output = report.to_dict()
@@ -53,7 +78,7 @@ def main(argv=None) -> None:
         output["data_pipeline"] = data_pipeline_throughput(image_size=config.image_size, device=args.device)
         print("input pipeline (img/s):", json.dumps(output["data_pipeline"], indent=2))
     if args.json:
-        args.json.write_text(json.dumps(output, indent=2))
+        write_json(args.json, output)
 
 
 if __name__ == "__main__":

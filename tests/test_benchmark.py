@@ -31,15 +31,45 @@ def test_cpu_smoke_run_writes_a_report_with_exact_losses(tmp_path, capsys):
     spec.loader.exec_module(script)
     out = tmp_path / "bench.json"
     script.main(["--device", "cpu", "--preset", "histomim-vit-tiny16", "--image-size", "64", "--batch-size", "4",
-                 "--dtype", "fp32", "--steps", "2", "--warmup", "1", "--peak-matmul-size", "256", "--data-pipeline", "--json", str(out)])
+                 "--dtype", "fp32", "--steps", "2", "--warmup", "1", "--peak-matmul-size", "256", "--data-pipeline",
+                 "--ablations", "--json", str(out)])
     report = json.loads(out.read_text())
-    assert {(r["objective"], r["implementation"]) for r in report["results"]} == {
-        ("mae", "transformers"), ("mae", "histomim"), ("simmim", "transformers"), ("simmim", "histomim")}
-    assert all(r["img_per_s"] > 0 and 0 < r["mfu"] for r in report["results"])
-    assert set(report["ratios"]) == {"mae", "simmim"}
-    # exactness: same weights, same mask, fp32 on CPU -> the same loss to 1e-5
+    rows = {(r["objective"], r["variant"]): r for r in report["results"]}
+    variants = ["transformers", "histomim", "histomim, eager attention", "histomim, unfused AdamW"]
+    assert set(rows) == {(objective, variant) for objective in ("mae", "simmim") for variant in variants}
+    assert all(r["error"] is None and r["img_per_s"] > 0 and 0 < r["mfu"] for r in rows.values())
+    # every histomim row is compared with the transformers row
+    assert set(report["ratios"]["mae"]) == set(variants[1:])
+    assert report["ratios"]["mae"]["histomim"]["transformers"] == pytest.approx(
+        rows["mae", "histomim"]["img_per_s"] / rows["mae", "transformers"]["img_per_s"])
+    # exactness: same weights, same mask, fp32 -> the same loss to 1e-5, for every histomim variant
     assert all(diff < 1e-5 for diff in report["loss_difference_fp32"].values())
-    assert "histomim / transformers" in capsys.readouterr().out
+    assert all(r["loss_difference"] < 1e-5 for r in rows.values() if r["implementation"] == "histomim")
+    assert "histomim vs" in capsys.readouterr().out
+    assert report["stain_jitter_img_per_s"] > 0
     pipeline = report["data_pipeline"]
     for name in ("decode_per_core", "augment_per_core", "augment_without_stain_per_core", "stain_jitter_on_device"):
         assert pipeline[name] > 0, name
+
+
+def test_a_row_that_cannot_run_is_reported_and_the_others_still_are(monkeypatch):
+    """float8 without torchao: that row carries the error, the rest of the report is complete."""
+    import sys
+
+    from histomim.benchmark import run_benchmark, standard_variants
+
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    config = HistoMIMConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vit-tiny16", image_size=32)
+    report = run_benchmark(config, objectives=("mae",), device="cpu", batch_size=2, steps=1, warmup=0, dtype="fp32",
+                           variants=standard_variants(float8=True), peak_matmul_size=64, progress=False)
+    failed = [r for r in report.results if r.error]
+    assert [r.variant for r in failed] == ["histomim, float8"] and "torchao" in failed[0].error
+    assert report.ratios["mae"]["histomim"]["transformers"] > 0
+
+
+def test_variants_cover_each_compile_mode_and_the_requested_extras():
+    from histomim.benchmark import standard_variants
+
+    labels = [v.label for v in standard_variants((None, "default"), float8=True, ablations=True)]
+    assert labels == ["transformers", "histomim", "transformers, compiled", "histomim, compiled",
+                      "histomim, eager attention", "histomim, unfused AdamW", "histomim, compiled, float8"]

@@ -111,6 +111,16 @@ def test_sdpa_and_eager_attention_agree():
     torch.testing.assert_close(sdpa(pixels).last_hidden_state, eager(pixels).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("objective", ["mae", "simmim"])
+def test_training_forward_is_one_graph_for_torch_compile(objective):
+    """The whole training forward (mask sampling included) traces as one graph with no break: no host
+    syncs such as .item() or data-dependent shapes, so torch.compile sees the full step."""
+    model = HistoMIMForPreTraining(tiny_config(objective=objective)).train()
+    explanation = torch._dynamo.explain(lambda pixels: model(pixels).loss)(torch.randn(2, 3, 64, 64))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
 def test_interpolate_pos_encoding_runs_at_another_size():
     model = HistoMIMModel(tiny_config()).eval()
     with pytest.raises(ValueError, match="interpolate_pos_encoding"):

@@ -123,7 +123,8 @@ def test_help_documents_every_flag():
     for flag in ("--config", "--objective", "--mask-ratio", "--data", "--output-dir", "--epochs", "--max-steps",
                  "--batch-size", "--base-lr", "--grad-accum", "--mixed-precision", "--max-grad-norm",
                  "--checkpointing-steps", "--resume-from-checkpoint", "--report-to", "--compile", "--seed",
-                 "--image-size", "--push-to-hub", "--hub-model-id", "--num-workers"):  # fmt: skip
+                 "--image-size", "--push-to-hub", "--hub-model-id", "--num-workers", "--float8",
+                 "--stain-jitter-on-device"):  # fmt: skip
         assert flag in result.stdout, flag
     assert "SUPPRESS" not in result.stdout and "None" not in result.stdout
 
@@ -286,6 +287,20 @@ def test_stain_jitter_on_device_trains_and_is_reproducible(tiny_config_dir, tmp_
     assert all(math.isfinite(loss) for loss in jitter_a)
     assert jitter_a == jitter_b
     assert jitter_a != on_workers
+
+
+def test_float8_pretraining_saves_an_ordinary_model(tiny_config_dir, tmp_path):
+    """--float8 (torchao, emulated on the CPU) trains with float8 linears and saves plain weights."""
+    pytest.importorskip("torchao", reason="--float8 needs torchao (installed by the dev extra)")
+    from transformers import AutoModel
+
+    result = pretrain(small_run(tiny_config_dir, tmp_path / "fp8", max_steps=3, checkpointing_steps=0, float8=True))
+    assert any(type(module).__name__ == "Float8Linear" for module in result.model.modules())
+    assert len(result.losses) == 3 and all(math.isfinite(loss) for loss in result.losses)
+    encoder = AutoModel.from_pretrained(tmp_path / "fp8")
+    assert not any(type(module).__name__ == "Float8Linear" for module in encoder.modules())
+    trained = result.model.histomim.blocks[0].attn.qkv.weight
+    assert torch.equal(encoder.blocks[0].attn.qkv.weight, trained.detach().cpu())
 
 
 def test_load_model_config_applies_overrides_and_rejects_unknown_configs(tmp_path):
