@@ -11,7 +11,8 @@ loss difference on the CPU is the exactness check.
 
 FLOPs are counted analytically as 6 x multiply-accumulates of the forward matmuls (QKV/proj/MLP,
 attention scores and values, patch embedding, decoder embedding and prediction): 2 FLOPs per MAC,
-forward + backward = 3 x forward. MAE's encoder sees 1 + K tokens, its decoder 1 + L.
+forward + backward = 3 x forward. MAE embeds and encodes 1 + K tokens (K visible patches), its
+decoder sees 1 + L; the same count serves both implementations, so MFU credits only required work.
 """
 
 from __future__ import annotations
@@ -41,15 +42,17 @@ def training_flops_per_image(config: HistoMIMConfig) -> float:
     """6 x forward MACs of one image's training step for `config`'s objective."""
     patches = config.num_patches
     pixels_per_patch = config.patch_size**2 * config.num_channels
-    macs = patches * pixels_per_patch * config.hidden_size  # patch embedding (all patches)
     if config.objective == "mae":
         visible = num_visible_patches(patches, config.mask_ratio)
         dec = config.decoder_hidden_size
+        # only visible patches need embedding: counting the masked ones would credit work MAE need not do
+        macs = visible * pixels_per_patch * config.hidden_size
         macs += transformer_macs(1 + visible, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
         macs += (1 + visible) * config.hidden_size * dec  # decoder embedding
         macs += transformer_macs(1 + patches, dec, config.decoder_intermediate_size, config.decoder_num_hidden_layers)
         macs += (1 + patches) * dec * pixels_per_patch  # prediction
     else:
+        macs = patches * pixels_per_patch * config.hidden_size  # patch embedding
         macs += transformer_macs(1 + patches, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
         macs += patches * config.hidden_size * pixels_per_patch  # SimMIM head
     return 6.0 * macs

@@ -301,6 +301,7 @@ def test_float8_pretraining_saves_an_ordinary_model(tiny_config_dir, tmp_path):
     assert not any(type(module).__name__ == "Float8Linear" for module in encoder.modules())
     trained = result.model.histomim.blocks[0].attn.qkv.weight
     assert torch.equal(encoder.blocks[0].attn.qkv.weight, trained.detach().cpu())
+    assert "float8 matmuls" in (tmp_path / "fp8" / "README.md").read_text()  # the card says how it was trained
 
 
 def test_load_model_config_applies_overrides_and_rejects_unknown_configs(tmp_path):

@@ -139,28 +139,35 @@ class HistoMIMEmbeddings(nn.Module):
         self.check_pixel_values(pixel_values, interpolate_pos_encoding)
         batch, _, height, width = pixel_values.shape
         grid_hw = (height // self.patch_size, width // self.patch_size)
-
-        patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (B, D, h, w)
-        patches = patches.flatten(2).transpose(1, 2)  # (B, L, D)
         position = self.position_embeddings
         patch_position = resize_position_embedding(position[:, 1:], grid_hw) if interpolate_pos_encoding else position[:, 1:]
+
+        weight = self.patch_embed.weight  # (D, C, p, p)
+        patch_pixels = patchify(pixel_values.to(weight.dtype), self.patch_size)  # (B, L, p*p*C)
+        if ids_keep is None and bool_masked_pos is not None and self.mask_token is None:
+            ids_keep = visible_indices(bool_masked_pos)
+        if ids_keep is not None:
+            # MAE: the encoder only sees the visible patches, so only those are embedded
+            patch_pixels = gather_tokens(patch_pixels, ids_keep)  # (B, K, p*p*C)
+            patch_position = gather_tokens(patch_position.expand(batch, -1, -1), ids_keep)  # (B, K, D)
+        # the 16x16/16 conv as one matmul over flattened patches, in patchify's (row, col, channel) order
+        patches = F.linear(patch_pixels, weight.permute(0, 2, 3, 1).flatten(1), self.patch_embed.bias)  # (B, K|L, D)
 
         if bool_masked_pos is not None and self.mask_token is not None:
             # SimMIM: masked patches become the mask token, before position embeddings are added
             masked = bool_masked_pos.unsqueeze(-1).to(patches.dtype)  # (B, L, 1)
             patches = patches * (1 - masked) + self.mask_token.to(patches.dtype) * masked
-        patches = patches + patch_position  # (B, L, D)
-
-        if ids_keep is None and bool_masked_pos is not None and self.mask_token is None:
-            ids_keep = visible_indices(bool_masked_pos)
-        if ids_keep is not None:
-            # MAE: the encoder only sees the visible patches
-            patches = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))  # (B, K, D)
+        patches = patches + patch_position  # (B, K|L, D)
 
         prefix = [(self.cls_token + position[:, :1]).expand(batch, -1, -1)]  # (B, 1, D)
         if self.register_tokens is not None:
             prefix.append(self.register_tokens.expand(batch, -1, -1))  # (B, R, D)
         return torch.cat(prefix + [patches], dim=1)  # (B, 1 + R + K, D)
+
+
+def gather_tokens(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, L, k) tokens, (B, K) indices -> (B, K, k) the indexed tokens of each sample."""
+    return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 def visible_indices(bool_masked_pos: torch.Tensor) -> torch.Tensor:

@@ -722,7 +722,8 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "lr": f"{summary['lr']:.3g}",
         "base_lr": f"{args['base_lr']:.3g}",
         "warmup_steps": summary["warmup_steps"],
-        "mixed_precision": summary["mixed_precision"] if summary["mixed_precision"] != "no" else "float32",
+        "mixed_precision": (summary["mixed_precision"] if summary["mixed_precision"] != "no" else "float32")
+        + (", float8 matmuls in the transformer blocks (torchao)" if args["float8"] else ""),
         "first_loss": f"{summary['first_loss']:.4f}",
         "final_loss": f"{summary['last_loss']:.4f}",
         "final_loss_mean": f"{summary['last_mean']:.4f}",
