@@ -124,7 +124,7 @@ def test_help_documents_every_flag():
                  "--batch-size", "--base-lr", "--grad-accum", "--mixed-precision", "--max-grad-norm",
                  "--checkpointing-steps", "--resume-from-checkpoint", "--report-to", "--compile", "--seed",
                  "--image-size", "--push-to-hub", "--hub-model-id", "--num-workers", "--float8",
-                 "--stain-jitter-on-device"):  # fmt: skip
+                 "--augment-on-device"):  # fmt: skip
         assert flag in result.stdout, flag
     assert "SUPPRESS" not in result.stdout and "None" not in result.stdout
 
@@ -276,17 +276,22 @@ def test_simmim_with_gradient_accumulation_trains(tiny_config_dir, tmp_path):
 # -- building blocks -----------------------------------------------------------------------------------
 
 
-def test_stain_jitter_on_device_trains_and_is_reproducible(tiny_config_dir, tmp_path):
-    """Stain jitter moved from the workers to the (here CPU) device: training runs, and the same seed gives
-    the same losses, so resume stays exact; the jitter changes the batches, so the losses differ from a run
-    without it."""
-    runs = [pretrain(small_run(tiny_config_dir, tmp_path / name, max_steps=3, checkpointing_steps=0,
-                               stain_jitter_on_device=on_device))
+def test_augment_on_device_on_saved_tiles_trains_and_is_reproducible(sample_slide_path, tiny_config_dir, tmp_path):
+    """Tiles saved by tile_slides, the augmentation moved from the workers to the (here CPU) device:
+    training runs, the same seed gives the same losses (so resume stays exact), and the batches
+    differ from the CPU pipeline's."""
+    from histomim.data.tiling import tile_slides
+
+    tile_slides([sample_slide_path], tmp_path / "tiles", mpp=1.0, tile_size=64, save_images=True)
+    saved = str(tmp_path / "tiles" / "tiles")
+    runs = [pretrain(small_run(tiny_config_dir, tmp_path / name, data=[saved], max_steps=3, checkpointing_steps=0,
+                               augment_on_device=on_device))
             for name, on_device in (("a", True), ("b", True), ("c", False))]  # fmt: skip
-    jitter_a, jitter_b, on_workers = (run.losses for run in runs)
-    assert all(math.isfinite(loss) for loss in jitter_a)
-    assert jitter_a == jitter_b
-    assert jitter_a != on_workers
+    on_device_a, on_device_b, on_workers = (run.losses for run in runs)
+    assert runs[0].summary["data"]["num_tiles"] == 146
+    assert all(math.isfinite(loss) for loss in on_device_a)
+    assert on_device_a == on_device_b
+    assert on_device_a != on_workers
 
 
 def test_float8_pretraining_saves_an_ordinary_model(tiny_config_dir, tmp_path):

@@ -16,6 +16,7 @@ from histomim.data.transforms import (
     CenterCrop,
     ColorJitter,
     Compose,
+    DeviceAugmentation,
     HEDJitter,
     Normalize,
     RandomFlip,
@@ -24,11 +25,14 @@ from histomim.data.transforms import (
     ToTensor,
     adjust_color,
     color_jitter_batch,
+    crop_flip_rotate_batch,
+    device_augmentation_worker_transform,
     eval_transform,
     hed_jitter_batch,
     hed_to_rgb,
     pretrain_transform,
     rgb_to_hed,
+    sample_crop_boxes,
     sample_hed_params,
 )
 
@@ -111,6 +115,65 @@ def test_flips_and_rotations_reach_all_eight_symmetries():
     ops = Compose([RandomFlip(), RandomRotate90()])
     seen = {np.asarray(ops(asymmetric.convert("RGB"), rng=random.Random(s))).tobytes() for s in range(200)}
     assert len(seen) == 8  # the dihedral group of the square
+
+
+def test_batched_crop_boxes_respect_scale_and_ratio_and_stay_inside():
+    boxes = sample_crop_boxes(2000, scale=(0.3, 0.6), ratio=(0.5, 2.0), generator=torch.Generator().manual_seed(0))
+    centre_x, centre_y, width, height = boxes.T
+    assert torch.all(centre_x - width / 2 >= 0) and torch.all(centre_x + width / 2 <= 1 + 1e-6)
+    assert torch.all(centre_y - height / 2 >= 0) and torch.all(centre_y + height / 2 <= 1 + 1e-6)
+    area = width * height
+    assert area.min() >= 0.3 - 1e-6 and area.max() <= 0.6 + 1e-6
+    assert (width / height).min() >= 0.5 - 1e-6 and (width / height).max() <= 2.0 + 1e-6
+    # spread over the whole range, not stuck at one end
+    assert area.mean() == pytest.approx(0.45, abs=0.02)
+    # no draw fits (areas above 1 are impossible): the whole image
+    whole = sample_crop_boxes(5, scale=(1.0, 1.0), ratio=(4.0, 4.0), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(whole, torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 5))
+
+
+def test_batched_crop_of_the_whole_tile_is_one_of_the_eight_symmetries(batch):
+    """With the whole tile as the box, the resampling only flips and rotates, pixel-exactly, and every
+    one of the 8 symmetries of the square occurs."""
+    tiles = batch[:1].expand(64, -1, -1, -1)  # (64, 3, 96, 96), one tile repeated
+    out = crop_flip_rotate_batch(tiles, 96, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    image = batch[0]
+    symmetries = [torch.rot90(flipped, k, dims=(1, 2)) for flipped in (image, image.flip(2)) for k in range(4)]
+    matched = [min(range(8), key=lambda i: (o - symmetries[i]).abs().max().item()) for o in out]
+    for o, i in zip(out, matched):
+        torch.testing.assert_close(o, symmetries[i], atol=1e-5, rtol=0)
+    assert set(matched) == set(range(8))
+
+
+def test_batched_crop_zooms_into_the_box(tile):
+    """A small box is an upsampled piece of the tile: the output matches PIL's crop-and-resize of the
+    same box (bilinear vs bilinear, up to interpolation at the box edges)."""
+    pixels = ToTensor()(tile)[None]  # (1, 3, 224, 224)
+    generator = torch.Generator().manual_seed(3)
+    out = crop_flip_rotate_batch(pixels, 112, scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=generator)[0]
+    centre_x, centre_y, width, height = sample_crop_boxes(1, (0.25, 0.25), (1.0, 1.0), torch.Generator().manual_seed(3))[0]
+    box = [float(v) * 224 for v in (centre_x - width / 2, centre_y - height / 2, centre_x + width / 2, centre_y + height / 2)]
+    reference = ToTensor()(tile.resize((112, 112), Image.Resampling.BILINEAR, box=box))
+    # the same draws also picked flips/rotation: compare with the best of the 8 symmetries
+    errors = [(torch.rot90(f, k, dims=(1, 2)) - out).abs().mean().item()
+              for f in (reference, reference.flip(2)) for k in range(4)]  # fmt: skip
+    assert min(errors) < 0.01 < sorted(errors)[1]
+
+
+def test_device_augmentation_from_uint8_tiles(tile):
+    worker = device_augmentation_worker_transform(96)
+    tiles = torch.stack([worker(tile.crop((x, 0, x + 128, 128)), index=0) for x in (0, 50, 96)])
+    assert tiles.dtype == torch.uint8 and tiles.shape == (3, 3, 96, 96)
+    augment = DeviceAugmentation(64, MEAN, STD)
+    out = augment(tiles, torch.Generator().manual_seed(0))
+    assert out.shape == (3, 3, 64, 64) and out.dtype == torch.float32
+    # normalised: back in [0, 1] after undoing mean/std; and seeded draws repeat
+    pixels = out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    torch.testing.assert_close(augment(tiles, torch.Generator().manual_seed(0)), out)
+    assert not torch.allclose(augment(tiles, torch.Generator().manual_seed(1)), out)
+    with pytest.raises(ValueError, match="uint8"):
+        augment(tiles.float())
 
 
 def test_rgb_to_hed_matches_skimage(tile):

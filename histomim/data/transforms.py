@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # Ruifrok & Johnston (2001) stain vectors, one per row: optical density of haematoxylin, eosin
@@ -134,6 +135,107 @@ def color_jitter_batch(
     return adjust_color(pixels, *factors)
 
 
+def sample_crop_boxes(
+    batch: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    tries: int = 10,
+) -> torch.Tensor:
+    """Random-resized-crop boxes for square images, as fractions of the side: (B, 4) of
+    (centre x, centre y, width, height). Like `RandomResizedCrop.crop_box`: area ~ U(scale), log aspect
+    ~ U(log ratio), the first of `tries` draws that fits, else the whole image."""
+    uniform = torch.rand((3, batch, tries), generator=generator, device=device)
+    area = scale[0] + (scale[1] - scale[0]) * uniform[0]  # (B, T)
+    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * uniform[1]
+    width, height = (area * log_ratio.exp()).sqrt(), (area / log_ratio.exp()).sqrt()  # (B, T)
+    fits = (width <= 1) & (height <= 1)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1) first fitting try (0 if none fits)
+    width, height = width.gather(1, first)[:, 0], height.gather(1, first)[:, 0]  # (B,)
+    any_fits = fits.any(dim=1)
+    width, height = torch.where(any_fits, width, 1.0), torch.where(any_fits, height, 1.0)
+    position = torch.rand((2, batch), generator=generator, device=device)
+    centre_x = width / 2 + (1 - width) * position[0]
+    centre_y = height / 2 + (1 - height) * position[1]
+    return torch.stack([centre_x, centre_y, width, height], dim=1)  # (B, 4)
+
+
+def crop_flip_rotate_batch(
+    pixels: torch.Tensor,
+    size: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random resized crop, horizontal/vertical flips and 90-degree rotations of a batch in one resampling.
+
+    Each sample's crop box, flips and rotation compose into one affine map from output to input
+    coordinates, applied with a bilinear `grid_sample` (crops are never smaller than the output after
+    resizing from tiles of `size`, so no antialiasing is needed).
+
+    Args:
+        pixels: (B, C, H, W) float, square.
+    Returns:
+        (B, C, size, size)
+    """
+    batch = pixels.shape[0]
+    boxes = sample_crop_boxes(batch, scale, ratio, generator, pixels.device)  # (B, 4)
+    draws = torch.rand((3, batch), generator=generator, device=pixels.device)
+    flip = torch.where(draws[:2] < 0.5, -1.0, 1.0)  # (2, B): x and y signs
+    quarter_turns = (draws[2] * 4).floor()  # (B,) 0..3
+    cos, sin = torch.cos(quarter_turns * math.pi / 2).round(), torch.sin(quarter_turns * math.pi / 2).round()
+    # output (x, y) in [-1, 1] -> rotate -> flip -> scale to the box -> shift to its centre
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], dim=1)  # (B, 2, 2)
+    linear = (boxes[:, 2:] * flip.T)[:, :, None] * rotation  # (B, 2, 2): diag(w, h) @ diag(flips) @ R
+    shift = 2 * boxes[:, :2] - 1  # (B, 2) box centre in [-1, 1]
+    theta = torch.cat([linear, shift[:, :, None]], dim=2).to(pixels.dtype)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [batch, pixels.shape[1], size, size], align_corners=False)  # (B, size, size, 2)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class DeviceAugmentation:
+    """`pretrain_transform` for whole batches on the accelerator: uint8 tiles from the workers (see
+    `device_augmentation_worker_transform`) -> crop/flip/rotate -> HED and colour jitter -> normalised
+    float32. Same strengths and defaults as `pretrain_transform`; draws come from the `generator`
+    passed per call, so a seeded generator per step keeps training resumable exactly."""
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hed_sigma: float = 0.05,
+        hed_bias: float = 0.01,
+        brightness: float = 0.1,
+        contrast: float = 0.1,
+        saturation: float = 0.1,
+    ):
+        RandomResizedCrop(image_size, scale, ratio)  # validates scale and ratio
+        Normalize(mean, std)  # validates mean and std
+        self.image_size, self.scale, self.ratio = image_size, scale, ratio
+        self.hed = (hed_sigma, hed_bias)
+        self.color = (brightness, contrast, saturation)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, tiles: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> (B, 3, image_size, image_size) float32, normalised."""
+        if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[1] != 3:
+            raise ValueError(f"tiles must be a (B, 3, H, W) uint8 batch, got {tiles.dtype} {tuple(tiles.shape)}")
+        pixels = tiles.float().div_(255)  # (B, 3, H, W) in [0, 1]
+        pixels = crop_flip_rotate_batch(pixels, self.image_size, self.scale, self.ratio, generator).clamp_(0, 1)
+        if any(self.hed):
+            pixels = hed_jitter_batch(pixels, *self.hed, generator=generator)
+        if any(self.color):
+            pixels = color_jitter_batch(pixels, *self.color, generator=generator)
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+
 # -- ops: callables (x, rng) -> x ---------------------------------------------------------------
 
 
@@ -228,6 +330,14 @@ class ToTensor:
             image = image.convert("RGB")
         pixels = np.array(image, dtype=np.uint8)  # (H, W, 3); a writable copy, as torch wants
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+
+
+class ToUint8Tensor:
+    """PIL image -> (3, H, W) uint8: what DataLoader workers hand over when the augmentation runs on the
+    accelerator (a quarter of float32's host-to-device traffic)."""
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 class HEDJitter:
@@ -345,6 +455,12 @@ def pretrain_transform(
         ops.append(ColorJitter(brightness, contrast, saturation))
     ops.append(Normalize(mean, std))
     return Compose(ops, seed=seed)
+
+
+def device_augmentation_worker_transform(image_size: int) -> Compose:
+    """What DataLoader workers do when `DeviceAugmentation` runs on the accelerator: bring a tile to
+    ``image_size`` (a no-op for tiles cut at that size) and hand it over as uint8."""
+    return Compose([Resize(image_size), CenterCrop(image_size), ToUint8Tensor()])
 
 
 def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> Compose:

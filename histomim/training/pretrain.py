@@ -143,10 +143,11 @@ class PretrainArguments:
         help="DataLoader processes per device (default: 0 on CPU, where loading and training share the cores; "
         "otherwise up to 8, as the CPU cores per device allow).",
     )
-    stain_jitter_on_device: bool = HfArg(
+    augment_on_device: bool = HfArg(
         default=False,
-        help="Run the HED stain and colour jitter batched on the accelerator, after the host-to-device copy, "
-        "instead of in the DataLoader workers: frees CPU workers when the GPU outruns them.",
+        help="Run the whole augmentation (random resized crop, flips, rotations, HED stain and colour jitter, "
+        "normalisation) batched on the accelerator; DataLoader workers only decode tiles to uint8. Frees the CPU "
+        "workers when the GPU outruns them (see docs/performance.md).",
     )
     seed: int = HfArg(default=0, help="Seed of the initialisation, data order, augmentation and masks (default: 0).")
     checkpointing_steps: int = HfArg(
@@ -411,17 +412,6 @@ def seed_micro_step(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return seeded_generator(seed, micro_step, rank, 1)
 
 
-def stain_jitter_on_device(pixel_values: torch.Tensor, config: HistoMIMConfig, generator: torch.Generator) -> torch.Tensor:
-    """HED stain + colour jitter of a normalized batch on its own device, with the CPU transform's strengths."""
-    from ..data.transforms import color_jitter_batch, hed_jitter_batch
-
-    mean = torch.tensor(config.image_mean, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(config.image_std, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
-    pixels = (pixel_values * std + mean).clamp(0, 1)  # (B, 3, H, W) back in [0, 1]
-    pixels = color_jitter_batch(hed_jitter_batch(pixels, generator=generator), generator=generator)
-    return (pixels - mean) / std
-
-
 # -- the loop --------------------------------------------------------------------------------------
 
 
@@ -434,7 +424,7 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     from tqdm.auto import tqdm
 
     from ..data.tiles import load_tile_dataset
-    from ..data.transforms import pretrain_transform
+    from ..data.transforms import device_augmentation_worker_transform, pretrain_transform
 
     args = with_demo_defaults(args)
     accelerator = make_accelerator(args)
@@ -447,9 +437,11 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     image_size = args.image_size or load_model_config(args, None).image_size
     tiles = prepare_tiles(args, accelerator, image_size)
     config = load_model_config(args, tiles.mpp)
-    # with --stain-jitter-on-device the workers only crop, flip and rotate; the loop jitters the batch
-    no_jitter = dict(hed_sigma=0, hed_bias=0, brightness=0, contrast=0, saturation=0) if args.stain_jitter_on_device else {}
-    transform = pretrain_transform(config.image_size, config.image_mean, config.image_std, seed=args.seed, **no_jitter)
+    # with --augment-on-device the workers only decode; the loop augments whole batches on the device
+    if args.augment_on_device:
+        transform = device_augmentation_worker_transform(config.image_size)
+    else:
+        transform = pretrain_transform(config.image_size, config.image_mean, config.image_std, seed=args.seed)
     dataset = load_tile_dataset(tiles.source, transform=transform)
     if len(dataset) < args.batch_size * accelerator.num_processes:
         raise ValueError(
@@ -542,7 +534,12 @@ def train_one_epoch(
 
     Calls ``after_step(metrics, num_images)`` after every optimizer step; returns early at ``total_steps``.
     """
+    from ..data.transforms import DeviceAugmentation
+
     config = accelerator.unwrap_model(model).config
+    device_augmentation = (
+        DeviceAugmentation(config.image_size, config.image_mean, config.image_std) if args.augment_on_device else None
+    )
     dataset.set_epoch(state.epoch)  # the augmentation; the loader sets its sampler's epoch
     dataloader.set_epoch(state.epoch)
     done = state.batches_in_epoch
@@ -553,11 +550,11 @@ def train_one_epoch(
         with accelerator.accumulate(model):
             generator = seed_micro_step(args.seed, state.micro_step, accelerator.process_index)
             noise = torch.rand(mask_noise_shape(config, len(pixel_values)), generator=generator)  # (B, cells)
-            if args.stain_jitter_on_device:
+            if device_augmentation:  # (B, 3, H, W) uint8 tiles -> augmented, normalised float32
                 device_generator = torch.Generator(pixel_values.device).manual_seed(
                     derive_seed(args.seed, state.micro_step, accelerator.process_index, 2)
                 )
-                pixel_values = stain_jitter_on_device(pixel_values, config, device_generator)
+                pixel_values = device_augmentation(pixel_values, device_generator)
             loss = model(pixel_values=pixel_values, noise=noise.to(accelerator.device)).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
