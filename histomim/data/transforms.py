@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -194,31 +195,40 @@ def crop_flip_rotate_batch(
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+@dataclass(frozen=True)
+class AugmentationStrengths:
+    """How strong each pretraining augmentation is, shared by the CPU pipeline (`pretrain_transform`) and
+    the batched one on the accelerator (`DeviceAugmentation`). A jitter set to 0 is off."""
+
+    scale: tuple[float, float] = (0.2, 1.0)  # area fraction of the random resized crop (MAE's default)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # its aspect ratio range
+    hed_sigma: float = 0.05  # HED stain factor ~ U(1 - sigma, 1 + sigma)
+    hed_bias: float = 0.01  # HED stain offset ~ U(-bias, bias)
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+
+    def __post_init__(self):
+        RandomResizedCrop(1, self.scale, self.ratio)  # validates scale and ratio
+
+    @property
+    def hed(self) -> tuple[float, float]:
+        return self.hed_sigma, self.hed_bias
+
+    @property
+    def color(self) -> tuple[float, float, float]:
+        return self.brightness, self.contrast, self.saturation
+
+
 class DeviceAugmentation:
     """`pretrain_transform` for whole batches on the accelerator: uint8 tiles from the workers (see
     `device_augmentation_worker_transform`) -> crop/flip/rotate -> HED and colour jitter -> normalised
-    float32. Same strengths and defaults as `pretrain_transform`; draws come from the `generator`
-    passed per call, so a seeded generator per step keeps training resumable exactly."""
+    float32. Takes the same strengths (`AugmentationStrengths` fields as keywords); draws come from the
+    `generator` passed per call, so a seeded generator per step keeps training resumable exactly."""
 
-    def __init__(
-        self,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        *,
-        scale: tuple[float, float] = (0.2, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hed_sigma: float = 0.05,
-        hed_bias: float = 0.01,
-        brightness: float = 0.1,
-        contrast: float = 0.1,
-        saturation: float = 0.1,
-    ):
-        RandomResizedCrop(image_size, scale, ratio)  # validates scale and ratio
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], **strengths):
         Normalize(mean, std)  # validates mean and std
-        self.image_size, self.scale, self.ratio = image_size, scale, ratio
-        self.hed = (hed_sigma, hed_bias)
-        self.color = (brightness, contrast, saturation)
+        self.image_size, self.strengths = image_size, AugmentationStrengths(**strengths)
         self.mean, self.std = tuple(mean), tuple(std)
 
     def __call__(self, tiles: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -226,11 +236,12 @@ class DeviceAugmentation:
         if tiles.dtype != torch.uint8 or tiles.ndim != 4 or tiles.shape[1] != 3:
             raise ValueError(f"tiles must be a (B, 3, H, W) uint8 batch, got {tiles.dtype} {tuple(tiles.shape)}")
         pixels = tiles.float().div_(255)  # (B, 3, H, W) in [0, 1]
-        pixels = crop_flip_rotate_batch(pixels, self.image_size, self.scale, self.ratio, generator).clamp_(0, 1)
-        if any(self.hed):
-            pixels = hed_jitter_batch(pixels, *self.hed, generator=generator)
-        if any(self.color):
-            pixels = color_jitter_batch(pixels, *self.color, generator=generator)
+        strengths = self.strengths
+        pixels = crop_flip_rotate_batch(pixels, self.image_size, strengths.scale, strengths.ratio, generator).clamp_(0, 1)
+        if any(strengths.hed):
+            pixels = hed_jitter_batch(pixels, *strengths.hed, generator=generator)
+        if any(strengths.color):
+            pixels = color_jitter_batch(pixels, *strengths.color, generator=generator)
         mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
         return (pixels - mean) / std
@@ -429,30 +440,22 @@ class Compose:
 
 
 def pretrain_transform(
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    hed_sigma: float = 0.05,
-    hed_bias: float = 0.01,
-    brightness: float = 0.1,
-    contrast: float = 0.1,
-    saturation: float = 0.1,
-    seed: int | None = None,
+    image_size: int, mean: Sequence[float], std: Sequence[float], *, seed: int | None = None, **strengths
 ) -> Compose:
     """Augmentation for MIM pretraining on tiles.
 
     Random resized crop (MAE's default scale), flips and 90-degree rotations, HED stain jitter,
-    mild brightness/contrast/saturation jitter, then normalisation. Set any jitter to 0 to turn it
-    off. ``seed`` makes sample ``i`` at epoch ``e`` reproducible (see `Compose`).
+    mild brightness/contrast/saturation jitter, then normalisation; `strengths` are
+    `AugmentationStrengths` fields as keywords (e.g. ``hed_sigma=0`` turns the stain jitter off).
+    ``seed`` makes sample ``i`` at epoch ``e`` reproducible (see `Compose`).
     """
-    ops: list = [RandomResizedCrop(image_size, scale, ratio), RandomFlip(), RandomRotate90(), ToTensor()]
-    if hed_sigma > 0 or hed_bias > 0:
-        ops.append(HEDJitter(hed_sigma, hed_bias))
-    if brightness > 0 or contrast > 0 or saturation > 0:
-        ops.append(ColorJitter(brightness, contrast, saturation))
+    strengths = AugmentationStrengths(**strengths)
+    ops: list = [RandomResizedCrop(image_size, strengths.scale, strengths.ratio), RandomFlip(), RandomRotate90(),
+                 ToTensor()]  # fmt: skip
+    if any(strengths.hed):
+        ops.append(HEDJitter(*strengths.hed))
+    if any(strengths.color):
+        ops.append(ColorJitter(*strengths.color))
     ops.append(Normalize(mean, std))
     return Compose(ops, seed=seed)
 
