@@ -151,7 +151,7 @@ class Variant:
         if self.compile_mode:
             parts.append("compiled" if self.compile_mode == "default" else f"compiled {self.compile_mode}")
         if self.attention != "sdpa":
-            parts.append(f"{self.attention} attention")
+            parts.append("attention without SDPA")
         if not self.fused_adamw:
             parts.append("unfused AdamW")
         if self.float8:
@@ -445,7 +445,38 @@ def format_report(report: BenchmarkReport) -> str:
     return "\n".join(lines)
 
 
+def save_benchmark_plot(report: BenchmarkReport, path) -> Path:
+    """A PNG with one panel per objective: img/s of every row that ran, each bar labelled with its MFU
+    and its speed relative to the first transformers row (eager, when eager ran)."""
+    from .plotting import pyplot, save_png
+
+    objectives = list(dict.fromkeys(r.objective for r in report.results))
+    if not objectives:
+        raise ValueError("the report has no results to plot")
+    plt = pyplot()
+    heights = [1 + 0.45 * sum(r.objective == o for r in report.results) for o in objectives]
+    figure, axes = plt.subplots(len(objectives), 1, figsize=(8, sum(heights)), squeeze=False,
+                                gridspec_kw={"height_ratios": heights})  # fmt: skip
+    for axis, objective in zip(axes[:, 0], objectives):
+        rows = [r for r in report.results if r.objective == objective and r.error is None]
+        baseline = next((r.img_per_s for r in rows if r.implementation == "transformers"), None)
+        colours = ["tab:grey" if r.implementation == "transformers" else "tab:blue" for r in rows]
+        bars = axis.barh([r.variant for r in rows], [r.img_per_s for r in rows], color=colours)
+        for bar, row in zip(bars, rows):
+            relative = f", {row.img_per_s / baseline:.2f}x" if baseline else ""
+            axis.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {100 * row.mfu:.0f}% MFU{relative}",
+                      va="center", fontsize=8)  # fmt: skip
+        axis.invert_yaxis()  # rows top to bottom in run order
+        axis.set_xlim(0, 1.3 * max([r.img_per_s for r in rows], default=1))
+        axis.set_xlabel("images / s (training step)")
+        axis.set_title(f"{objective}, batch {rows[0].batch_size if rows else '?'}", fontsize=10)
+        axis.grid(axis="x", alpha=0.3)
+    figure.suptitle(f"{report.device}, {report.dtype}", fontsize=10)
+    figure.tight_layout()
+    return save_png(figure, path)
+
+
 __all__ = [
     "run_benchmark", "standard_variants", "Variant", "data_pipeline_throughput", "device_augmentation_throughput",
-    "format_report", "training_flops_per_image", "transformer_macs", "BenchmarkReport",
+    "format_report", "save_benchmark_plot", "training_flops_per_image", "transformer_macs", "BenchmarkReport",
 ]

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from histomim import HistoMIMConfig
 from histomim.atomic import atomic_path
-from histomim.benchmark import data_pipeline_throughput, format_report, run_benchmark, standard_variants
+from histomim.benchmark import (
+    data_pipeline_throughput, format_report, run_benchmark, save_benchmark_plot, standard_variants,
+)
 from histomim.presets import config_source
 
 COMPILE_MODES = ["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
@@ -40,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"(choices: {', '.join(COMPILE_MODES)}; default: none). Compiling takes about a "
                              "minute per row on a GPU")
     parser.add_argument("--ablations", action="store_true",
-                        help="add histomim rows without SDPA (eager attention) and without fused AdamW, under "
+                        help="add histomim rows without SDPA (matmul + softmax attention) and without fused AdamW, under "
                              "the first --compile mode, to show what each buys")
     parser.add_argument("--float8", action="store_true",
                         help="add a histomim row with torchao float8 linears under the last --compile mode "
@@ -50,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-pipeline", action="store_true",
                         help="also measure input-pipeline throughput (tile decode and augmentation per CPU core, "
                              "batched stain jitter on --device) on the real sample slide")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also write a PNG bar chart of img/s per row (with MFU and ratio) to this file")
     parser.add_argument("--json", type=Path, default=None,
                         help="write the report as JSON to this file, rewritten after every row so that a run "
                              "cut short keeps what it measured")
@@ -73,6 +77,8 @@ def main(argv=None) -> None:
         on_result=(lambda partial: write_json(args.json, partial.to_dict())) if args.json else None,
     )
     print(format_report(report))
+    if args.plot:
+        print(f"plot: {save_benchmark_plot(report, args.plot)}")
     output = report.to_dict()
     if args.data_pipeline:
         output["data_pipeline"] = data_pipeline_throughput(image_size=config.image_size, device=args.device)

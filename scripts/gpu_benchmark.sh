@@ -31,7 +31,8 @@ bench() {  # bench NAME ARGS...: one benchmark run, its JSON and log under $out
     local name=$1
     shift
     echo "== $name: python3 scripts/benchmark.py $* ${extra[*]}"
-    python3 scripts/benchmark.py "$@" "${extra[@]}" --json "$out/$name.json" 2>&1 | tee "$out/$name.log"
+    python3 scripts/benchmark.py "$@" "${extra[@]}" --json "$out/$name.json" --plot "$out/$name.png" 2>&1 |
+        tee "$out/$name.log"
 }
 
 case $part in

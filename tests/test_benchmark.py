@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from histomim import HistoMIMConfig
 from histomim.benchmark import training_flops_per_image
@@ -32,10 +33,10 @@ def test_cpu_smoke_run_writes_a_report_with_exact_losses(tmp_path, capsys):
     out = tmp_path / "bench.json"
     script.main(["--device", "cpu", "--preset", "histomim-vit-tiny16", "--image-size", "64", "--batch-size", "4",
                  "--dtype", "fp32", "--steps", "2", "--warmup", "1", "--peak-matmul-size", "256", "--data-pipeline",
-                 "--ablations", "--json", str(out)])
+                 "--ablations", "--json", str(out), "--plot", str(tmp_path / "bench.png")])
     report = json.loads(out.read_text())
     rows = {(r["objective"], r["variant"]): r for r in report["results"]}
-    variants = ["transformers", "histomim", "histomim, eager attention", "histomim, unfused AdamW"]
+    variants = ["transformers", "histomim", "histomim, attention without SDPA", "histomim, unfused AdamW"]
     assert set(rows) == {(objective, variant) for objective in ("mae", "simmim") for variant in variants}
     assert all(r["error"] is None and r["img_per_s"] > 0 and 0 < r["mfu"] for r in rows.values())
     # every histomim row is compared with the transformers row
@@ -47,6 +48,8 @@ def test_cpu_smoke_run_writes_a_report_with_exact_losses(tmp_path, capsys):
     assert all(r["loss_difference"] < 1e-5 for r in rows.values() if r["implementation"] == "histomim")
     assert "histomim vs" in capsys.readouterr().out
     assert report["device_augmentation_img_per_s"] > 0
+    with Image.open(tmp_path / "bench.png") as plot:
+        assert plot.format == "PNG" and plot.size[1] > plot.size[0] / 2  # two panels of four bars
     pipeline = report["data_pipeline"]
     for name in ("read_from_slide_per_core", "decode_saved_tile_per_core", "augment_per_core",
                  "worker_for_device_augmentation_per_core", "augment_on_device"):
@@ -73,4 +76,4 @@ def test_variants_cover_each_compile_mode_and_the_requested_extras():
 
     labels = [v.label for v in standard_variants((None, "default"), float8=True, ablations=True)]
     assert labels == ["transformers", "histomim", "transformers, compiled", "histomim, compiled",
-                      "histomim, eager attention", "histomim, unfused AdamW", "histomim, compiled, float8"]
+                      "histomim, attention without SDPA", "histomim, unfused AdamW", "histomim, compiled, float8"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..plotting import pyplot, save_png
 from .labels import split_survival
 
 GROUPINGS = {"median": ("low risk", "high risk"), "tertiles": ("low risk", "intermediate risk", "high risk")}
@@ -47,10 +47,6 @@ def plot_risk_groups(
     pooled over cross-validation folds. Returns ``{"chisq", "p_value"}`` from
     ``sksurv.compare.compare_survival``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sksurv.compare import compare_survival
     from sksurv.nonparametric import kaplan_meier_estimator
 
@@ -65,7 +61,7 @@ def plot_risk_groups(
     # the log-rank test needs two groups; a model with (nearly) constant risk may leave only one
     chisq, p_value = compare_survival(y, groups) if len(np.unique(groups)) > 1 else (np.nan, np.nan)
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = pyplot().subplots(figsize=(6, 4.5))
     for index, label in enumerate(GROUPINGS[grouping]):
         in_group = groups == index
         if not in_group.any():
@@ -83,7 +79,5 @@ def plot_risk_groups(
     ax.text(0.02, 0.04, note, transform=ax.transAxes)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as partial:
-        fig.savefig(partial, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
     return {"chisq": float(chisq), "p_value": float(p_value)}

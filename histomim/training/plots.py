@@ -1,7 +1,6 @@
 """PNG figures that training runs leave behind: MIM reconstruction grids and loss curves.
 
-matplotlib is imported inside the functions (with the non-interactive Agg backend), so that
-importing histomim stays light and plotting works on headless machines.
+Drawn with `histomim.plotting` (matplotlib's Agg backend, imported on first use; atomic PNGs).
 """
 
 from __future__ import annotations
@@ -12,16 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from ..plotting import pyplot, save_png
 
 
 def to_display(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -48,7 +38,7 @@ def save_reconstruction_grid(
         reconstruction: (B, C, H, W) model output in the same normalized space.
         pixel_mask: (B, 1, H, W) or (B, C, H, W), 1 where the patch was masked.
     """
-    plt = _pyplot()
+    plt = pyplot()
     mask = pixel_mask.detach().float().cpu()
     pixels, reconstruction = pixel_values.detach().float().cpu(), reconstruction.detach().float().cpu()
     columns = {
@@ -71,7 +61,7 @@ def save_reconstruction_grid(
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def _grey(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -92,7 +82,7 @@ def save_loss_curve(
     """Raw loss per step plus a moving average (window ``smoothing``, default ~5% of the run)."""
     if len(steps) != len(losses) or not len(steps):
         raise ValueError(f"need as many steps as losses and at least one of each, got {len(steps)} and {len(losses)}")
-    plt = _pyplot()
+    plt = pyplot()
     steps_a, losses_a = np.asarray(steps), np.asarray(losses, dtype=np.float64)
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.plot(steps_a, losses_a, color="tab:blue", alpha=0.35, linewidth=1, label="per step")
@@ -106,17 +96,4 @@ def save_loss_curve(
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    return _save(figure, path)
-
-
-def _save(figure, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    with atomic_path(path) as partial:
-        figure.savefig(partial, dpi=100, format="png")
-    plt.close(figure)
-    return path
-
-
-__all__ = ["save_reconstruction_grid", "save_loss_curve", "to_display"]
+    return save_png(figure, path)
