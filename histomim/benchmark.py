@@ -185,7 +185,7 @@ class Result:
     variant: str = ""
     compiled: bool = False
     shared_mask_loss: float | None = None  # loss before training for a mask fixed by seed 0, benchmark dtype
-    loss_difference: float | None = None  # |shared_mask_loss - transformers' (eager)| for histomim rows
+    loss_difference: float | None = None  # |shared_mask_loss - transformers'| for histomim rows
     error: str | None = None  # why this row could not run (e.g. float8 without torchao); the others still do
 
 
@@ -203,7 +203,9 @@ def build_variant(variant: Variant, config: HistoMIMConfig, device: torch.device
     return model.to(device).train()
 
 
-def time_training_steps(model, inputs_fn, pixels, device, dtype, steps, warmup, fused_adamw=True) -> list[float]:
+def time_training_steps(
+    model, inputs_fn, pixels, device, dtype, steps, warmup, fused_adamw=True, cuda_graphs=False
+) -> list[float]:
     """Seconds per training step (forward + backward + AdamW) after `warmup` steps."""
     fused = fused_adamw and device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
@@ -212,6 +214,8 @@ def time_training_steps(model, inputs_fn, pixels, device, dtype, steps, warmup, 
     for step in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
+        if cuda_graphs:  # tell CUDA graph trees that a new step begins (the previous step's outputs are done)
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = model(pixels, **inputs_fn()).loss
         loss.backward()
@@ -255,7 +259,8 @@ class BenchmarkReport:
 
     def update_comparisons(self) -> None:
         """For every histomim row: its img/s over each transformers row's (`ratios[objective][ours][theirs]`),
-        and |its loss - transformers' eager loss| for the shared mask (`loss_difference` of the row)."""
+        and |its loss - transformers' loss| for the shared mask (`loss_difference` of the row; both
+        computed before compiling and training, so every transformers row has the same one)."""
         self.ratios = {}
         for objective in dict.fromkeys(r.objective for r in self.results):
             rows = [r for r in self.results if r.objective == objective and r.error is None]
@@ -315,7 +320,8 @@ def run_benchmark(
                 torch.cuda.reset_peak_memory_stats(torch_device)
             inputs_fn = lambda: reference_inputs(run_config, batch_size, torch_device)  # noqa: E731
             step_s = statistics.median(time_training_steps(
-                model, inputs_fn, pixels, torch_device, torch_dtype, steps, warmup, variant.fused_adamw))
+                model, inputs_fn, pixels, torch_device, torch_dtype, steps, warmup, variant.fused_adamw,
+                cuda_graphs=variant.compile_mode == "reduce-overhead"))
         except Exception as error:  # one row failing (out of memory, no torchao, a compiler error) keeps the others
             report.results.append(Result(**row, img_per_s=0.0, step_ms=0.0, model_tflops=0.0, mfu=0.0,
                                          peak_memory_gib=None, error=f"{type(error).__name__}: {error}"[:500]))
