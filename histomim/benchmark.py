@@ -341,6 +341,46 @@ def run_benchmark(
     return report
 
 
+# --------------------------------------------------------------------------- memory without a GPU
+
+
+def estimate_training_memory(config: HistoMIMConfig, batch_size: int, dtype: str = "bf16") -> dict[str, float]:
+    """Peak memory (GiB) of one histomim training step (forward, backward, AdamW), estimated without
+    running it: the model and step run on fake tensors (`FakeTensorMode`) under torch's `MemTracker`,
+    which adds up every tensor alive at each point. Returns GiB per kind (parameters, activations,
+    gradients, optimizer state, ...) at the peak, plus "total".
+
+    The step runs with the CPU's kernels, so attention is counted as the CPU computes it; GPU flash
+    attention keeps less, while the CUDA caching allocator and cuBLAS workspaces add some: read it as an
+    estimate for planning (will batch N fit?), not as a measurement.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from .mim.modeling_histomim import HistoMIMForPreTraining
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    with FakeTensorMode():
+        model = HistoMIMForPreTraining(config).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        for parameter in model.parameters():  # the tracker hooks every parameter (fixed sin-cos tables: a few KiB)
+            parameter.requires_grad_(True)
+        pixels = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size)
+        with tracker:
+            for step in range(2):  # the second step has the optimizer state from the first
+                with torch.autocast("cpu", dtype=torch_dtype, enabled=torch_dtype != torch.float32):
+                    loss = model(pixels).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if step == 0:
+                    tracker.reset_mod_stats()
+        peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {str(getattr(kind, "value", kind)).lower(): size / 2**30 for kind, size in peak.items()}
+
+
 # --------------------------------------------------------------------------- input pipeline
 
 
@@ -483,6 +523,6 @@ def save_benchmark_plot(report: BenchmarkReport, path) -> Path:
 
 
 __all__ = [
-    "run_benchmark", "standard_variants", "Variant", "data_pipeline_throughput", "device_augmentation_throughput",
+    "run_benchmark", "standard_variants", "Variant", "estimate_training_memory", "data_pipeline_throughput", "device_augmentation_throughput",
     "format_report", "save_benchmark_plot", "training_flops_per_image", "transformer_macs", "BenchmarkReport",
 ]

@@ -7,6 +7,8 @@ What each optimisation buys (histomim without SDPA, without fused AdamW; with fl
     python scripts/benchmark.py --objectives mae --compile default --ablations --float8
 CPU smoke run:
     python scripts/benchmark.py --device cpu --preset histomim-vit-tiny16 --image-size 64 --batch-size 8
+Will ViT-L MAE at batch 256 fit? (an estimate on fake tensors, no GPU needed):
+    python scripts/benchmark.py --preset histomim-vitl16 --objectives mae --batch-size 256 --estimate-memory
 """
 
 import argparse
@@ -16,7 +18,8 @@ from pathlib import Path
 from histomim import HistoMIMConfig
 from histomim.atomic import atomic_path
 from histomim.benchmark import (
-    data_pipeline_throughput, format_report, run_benchmark, save_benchmark_plot, standard_variants,
+    data_pipeline_throughput, estimate_training_memory, format_report, objective_config, run_benchmark,
+    save_benchmark_plot, standard_variants,
 )
 from histomim.presets import config_source
 
@@ -52,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-pipeline", action="store_true",
                         help="also measure input-pipeline throughput (tile decode and augmentation per CPU core, "
                              "batched stain jitter on --device) on the real sample slide")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="only estimate the peak memory of a histomim training step at --batch-size for the "
+                             "first of --objectives (fake tensors: no GPU needed, no step run) and exit")
     parser.add_argument("--plot", type=Path, default=None,
                         help="also write a PNG bar chart of img/s per row (with MFU and ratio) to this file")
     parser.add_argument("--json", type=Path, default=None,
@@ -69,6 +75,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     overrides = {"image_size": args.image_size} if args.image_size else {}
     config = HistoMIMConfig.from_pretrained(config_source(args.preset), **overrides)
+    if args.estimate_memory:
+        estimate = estimate_training_memory(objective_config(config, args.objectives[0]), args.batch_size, args.dtype)
+        print(f"{args.preset} {args.objectives[0]}, batch {args.batch_size}, {args.dtype}: estimated peak "
+              f"{estimate['total']:.1f} GiB (" + ", ".join(f"{kind} {gib:.2f}" for kind, gib in estimate.items()
+                                                     if kind != "total" and gib > 0) + ")")  # fmt: skip
+        if args.json:
+            write_json(args.json, {"estimated_peak_memory_gib": estimate})
+        return
     compile_modes = tuple(None if mode == "none" else mode for mode in args.compile)
     report = run_benchmark(
         config, objectives=tuple(args.objectives), device=args.device, batch_size=args.batch_size,

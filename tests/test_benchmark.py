@@ -77,3 +77,21 @@ def test_variants_cover_each_compile_mode_and_the_requested_extras():
     labels = [v.label for v in standard_variants((None, "default"), float8=True, ablations=True)]
     assert labels == ["transformers", "histomim", "transformers, compiled", "histomim, compiled",
                       "histomim, attention without SDPA", "histomim, unfused AdamW", "histomim, compiled, float8"]
+
+
+def test_memory_estimate_counts_weights_and_optimizer_state_and_grows_with_the_batch():
+    """Without a GPU: parameters are counted at 4 bytes each, AdamW's state at least twice that, and
+    activations grow nearly in proportion to the batch and shrink under bf16 autocast."""
+    from histomim import HistoMIMForPreTraining
+    from histomim.benchmark import estimate_training_memory
+
+    config = HistoMIMConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vit-tiny16", image_size=64)
+    parameter_gib = sum(p.numel() for p in HistoMIMForPreTraining(config).parameters()) * 4 / 2**30
+    small, large = (estimate_training_memory(config, batch, dtype="bf16") for batch in (64, 256))
+    fp32 = estimate_training_memory(config, 64, dtype="fp32")
+    for estimate in (small, large, fp32):
+        assert estimate["parameter"] == pytest.approx(parameter_gib, rel=1e-6)
+        assert estimate["optstate"] >= 2 * parameter_gib * (1 - 1e-6)  # exp_avg and exp_avg_sq
+        assert estimate["total"] == pytest.approx(sum(v for k, v in estimate.items() if k != "total"))
+    assert 3.0 < large["activation"] / small["activation"] <= 4.0
+    assert small["activation"] < 0.9 * fp32["activation"]  # matmul outputs are bf16 (norms and residuals stay fp32)

@@ -261,7 +261,7 @@ class HistoMIMBlock(GradientCheckpointingLayer):
 
 def make_blocks(config: HistoMIMConfig, depth: int, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float):
     """`depth` blocks with stochastic depth rising linearly from 0 to `drop_path_rate`."""
-    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # no tensor op: builds on any device
     return nn.ModuleList(HistoMIMBlock(config, dim, num_heads, mlp_dim, rate) for rate in rates)
 
 
