@@ -2,7 +2,9 @@
 
 A pipeline is a `Compose` of small ops. Geometric ops act on PIL images, colour ops on
 ``(..., 3, H, W)`` float tensors in [0, 1], so the same colour code also runs batched on the
-GPU (`hed_jitter_batch`, `color_jitter_batch`).
+GPU (`hed_jitter_batch`, `color_jitter_batch`). `DeviceAugmentation` is the whole pretraining
+pipeline for batches on the accelerator (crop, flips and rotations as one `grid_sample`), for when
+DataLoader workers cannot keep up; both take their strengths from `AugmentationStrengths`.
 
 Every random op draws its parameters from a ``random.Random`` that `Compose` hands it. With a
 ``seed``, that generator is derived from ``(seed, epoch, index)``, so the augmentation of sample
