@@ -1,4 +1,7 @@
-"""Float8 training with torchao (emulated on the CPU: torch._scaled_mm runs there, slowly)."""
+"""Float8 training with torchao (emulated on the CPU: torch._scaled_mm runs there, slowly).
+
+torchao comes with the `float8` extra, which the README's test command installs; these tests fail
+rather than skip without it, so that a broken torchao cannot pass unnoticed."""
 
 from __future__ import annotations
 
@@ -10,8 +13,6 @@ from histomim import HistoMIMForPreTraining
 from histomim.training.float8 import convert_to_float8
 
 from conftest import tiny_config
-
-pytest.importorskip("torchao", reason="float8 training needs torchao (installed by the dev extra)")
 
 
 def float8_names(model: nn.Module) -> set[str]:

@@ -296,7 +296,6 @@ def test_augment_on_device_on_saved_tiles_trains_and_is_reproducible(sample_slid
 
 def test_float8_pretraining_saves_an_ordinary_model(tiny_config_dir, tmp_path):
     """--float8 (torchao, emulated on the CPU) trains with float8 linears and saves plain weights."""
-    pytest.importorskip("torchao", reason="--float8 needs torchao (installed by the dev extra)")
     from transformers import AutoModel
 
     result = pretrain(small_run(tiny_config_dir, tmp_path / "fp8", max_steps=3, checkpointing_steps=0, float8=True))
