@@ -4,8 +4,9 @@
 #
 #   OUT=results bash scripts/gpu_benchmark.sh [vitb|vitl|cudagraphs|all]   (default: vitb then vitl)
 #
-#   vitb        ViT-B/16 MAE and SimMIM at batch 256: transformers and histomim eager and compiled, histomim
-#               without SDPA / without fused AdamW, histomim float8 compiled (needs torchao; 6 compiles, ~6 min)
+#   vitb        ViT-B/16 MAE at batch 256 and SimMIM at batch 128 (the batches of the reference table):
+#               transformers and histomim eager and compiled, histomim without SDPA / without fused AdamW,
+#               histomim float8 compiled (needs torchao; 6 compiles, ~6 min)
 #   vitl        ViT-L/16 MAE at batch 256, eager: peak memory of both implementations (~1 min)
 #   cudagraphs  ViT-B/16 MAE with torch.compile(mode="reduce-overhead") (2 compiles, ~2 min)
 #
@@ -37,7 +38,8 @@ bench() {  # bench NAME ARGS...: one benchmark run, its JSON and log under $out
 
 case $part in
     vitb | default | all)
-        bench vitb --preset histomim-vitb16 --batch-size 256 --compile none default --ablations --float8 ;;&
+        bench vitb-mae --preset histomim-vitb16 --objectives mae --batch-size 256 --compile none default --ablations --float8
+        bench vitb-simmim --preset histomim-vitb16 --objectives simmim --batch-size 128 --compile none default --ablations --float8 ;;&
     vitl | default | all)
         bench vitl --preset histomim-vitl16 --batch-size 256 --objectives mae --steps 3 --warmup 1 ;;&
     cudagraphs | all)

@@ -95,3 +95,26 @@ def test_memory_estimate_counts_weights_and_optimizer_state_and_grows_with_the_b
         assert estimate["total"] == pytest.approx(sum(v for k, v in estimate.items() if k != "total"))
     assert 3.0 < large["activation"] / small["activation"] <= 4.0
     assert small["activation"] < 0.9 * fp32["activation"]  # matmul outputs are bf16 (norms and residuals stay fp32)
+
+
+def test_gpu_benchmark_script_runs_its_parts_and_keeps_every_report(tmp_path):
+    """scripts/gpu_benchmark.sh, rehearsed on the CPU through EXTRA_ARGS (the last value of a flag wins)."""
+    import os
+    import subprocess
+    import sys
+
+    extra = ("--device cpu --preset histomim-vit-tiny16 --image-size 32 --batch-size 2 --steps 1 --warmup 0 "
+             "--compile none --peak-matmul-size 64")  # fmt: skip
+    env = {**os.environ, "OUT": str(tmp_path), "EXTRA_ARGS": extra,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # python3 = this interpreter
+    script = REPO_ROOT / "scripts" / "gpu_benchmark.sh"
+    result = subprocess.run(["bash", str(script), "vitl"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "vitl.json").read_text())
+    assert [r["variant"] for r in report["results"]] == ["transformers", "histomim"]
+    assert all(r["error"] is None for r in report["results"])
+    assert (tmp_path / "vitl.png").stat().st_size > 0 and "histomim vs" in (tmp_path / "vitl.log").read_text()
+    assert "torch" in (tmp_path / "environment.txt").read_text()
+
+    wrong = subprocess.run(["bash", str(script), "vit-huge"], env=env, capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "unknown part" in wrong.stderr
