@@ -120,18 +120,6 @@ def reference_inputs(config: HistoMIMConfig, batch: int, device: torch.device) -
                                                  config.mask_ratio, device=device)}
 
 
-def loss_difference(config: HistoMIMConfig, batch: int = 4) -> float:
-    """|loss_histomim - loss_transformers| in fp32 on the CPU for one shared mask (exactness check)."""
-    reference, ours = (m.float().eval() for m in reference_and_histomim(config))
-    pixels = torch.randn(batch, config.num_channels, config.image_size, config.image_size)
-    if config.objective == "mae":
-        masking = {"noise": torch.rand(batch, config.num_patches)}
-    else:
-        masking = reference_inputs(config, batch, torch.device("cpu"))
-    with torch.no_grad():
-        return abs(reference(pixels, **masking).loss.item() - ours(pixels, **masking).loss.item())
-
-
 # --------------------------------------------------------------------------- timing
 
 
@@ -243,6 +231,14 @@ def shared_mask_loss(model, config: HistoMIMConfig, pixels: torch.Tensor, dtype:
         return model(pixels, **masking).loss.item()
 
 
+def loss_difference(config: HistoMIMConfig, batch: int = 4) -> float:
+    """|loss_histomim - loss_transformers| in fp32 on the CPU for one shared mask (exactness check)."""
+    reference, ours = (m.float().eval() for m in reference_and_histomim(config))
+    pixels = torch.randn(batch, config.num_channels, config.image_size, config.image_size)
+    return abs(shared_mask_loss(reference, config, pixels, torch.float32)
+               - shared_mask_loss(ours, config, pixels, torch.float32))  # fmt: skip
+
+
 @dataclass
 class BenchmarkReport:
     device: str
@@ -301,14 +297,15 @@ def run_benchmark(
     report = BenchmarkReport(device=describe_device(torch_device), dtype=dtype, matmul_peak_tflops=peak / 1e12)
     report.device_augmentation_img_per_s = device_augmentation_throughput(torch_device, config.image_size)
 
+    # one random batch for every row (the objectives share the image size)
+    pixels = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size,
+                         generator=torch.Generator().manual_seed(0)).to(torch_device)  # fmt: skip
     jobs = [(objective, variant) for objective in objectives for variant in variants]
     for objective, variant in tqdm(jobs, desc="benchmark", disable=not progress):
         run_config = objective_config(config, objective)
         if objective not in report.flops_per_image:
             report.loss_difference_fp32[objective] = loss_difference(run_config)
             report.flops_per_image[objective] = training_flops_per_image(run_config)
-        pixels = torch.randn(batch_size, run_config.num_channels, run_config.image_size, run_config.image_size,
-                             generator=torch.Generator().manual_seed(0)).to(torch_device)
         row = dict(implementation=variant.implementation, objective=objective, batch_size=batch_size,
                    variant=variant.label, compiled=variant.compile_mode is not None)
         try:

@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peak-matmul-size", type=int, default=8192,
                         help="side of the square matmul that measures the MFU peak (default: %(default)s)")
     parser.add_argument("--data-pipeline", action="store_true",
-                        help="also measure input-pipeline throughput (tile decode and augmentation per CPU core, "
-                             "batched stain jitter on --device) on the real sample slide")
+                        help="also measure input-pipeline throughput on the real sample slide (tile reading, "
+                             "decoding and augmentation per CPU core; --augment-on-device's batches on --device)")
     parser.add_argument("--estimate-memory", action="store_true",
                         help="only estimate the peak memory of a histomim training step at --batch-size for the "
                              "first of --objectives (fake tensors: no GPU needed, no step run) and exit")
