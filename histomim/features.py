@@ -84,13 +84,15 @@ def _read_manifest(tiles):
     """A tile manifest DataFrame from a DataFrame, a manifest parquet, or a `tile_slides` output folder."""
     import pandas as pd
 
+    from .data.tiling import TileFolder
+
     if isinstance(tiles, pd.DataFrame):
         manifest = tiles
     else:
         path = Path(tiles)
-        path = path / "manifest.parquet" if path.is_dir() else path
+        path = TileFolder(path).manifest_path if path.is_dir() else path
         if not path.exists():
-            raise FileNotFoundError(f"no tile manifest at {path}; run scripts/tile_slides.py first")
+            raise FileNotFoundError(f"no tile manifest at {path}; run `histomim tile` first")
         manifest = pd.read_parquet(path)
     missing = {"slide_id", "x", "y", "path"} - set(manifest.columns)
     if missing:

@@ -1,38 +1,12 @@
 #!/usr/bin/env python
 """Embed the tiles of tiled slides with a histomim encoder: one safetensors file per slide.
 
-    python scripts/tile_slides.py slides/ --out tiles/ --mpp 0.5
-    python scripts/extract_features.py --model outputs/histomim-tiny-demo --tiles tiles/ --out features/
+The same as `histomim extract`: `python scripts/extract_features.py --help` explains every option.
 """
 
-import argparse
-from pathlib import Path
+import sys
 
-from histomim.features import extract_features
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="saved model folder or Hub id (loaded with AutoModel)")
-    parser.add_argument("--tiles", required=True, type=Path,
-                        help="tile manifest parquet, or the output folder of scripts/tile_slides.py")
-    parser.add_argument("--out", required=True, type=Path, help="folder for <slide_id>.safetensors feature files")
-    parser.add_argument("--batch-size", type=int, default=64, help="tiles per forward pass (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="resize tiles to this size instead of the model's (position embeddings are interpolated)")
-    parser.add_argument("--overwrite", action="store_true", help="recompute slides whose feature file exists")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    outputs = extract_features(args.model, args.tiles, args.out, batch_size=args.batch_size,
-                               num_workers=args.num_workers, device=args.device, image_size=args.image_size,
-                               overwrite=args.overwrite)
-    print(f"features of {len(outputs)} slides in {args.out}")
-
+from histomim.cli.extract import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

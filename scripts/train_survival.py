@@ -1,80 +1,12 @@
+#!/usr/bin/env python
 """Cross-validate a HistoFusion survival model on a patient table (default: sksurv's breast-cancer cohort).
 
-    python scripts/train_survival.py --compare-baselines --output-dir outputs/survival
-    python scripts/train_survival.py --table study.csv --time-col days --event-col dead --patient-col case_id \
-        --genomic-prefix rna_ --slide-features-col features_path --fusion coattention --head discrete
-    accelerate launch scripts/train_survival.py ...   # folds spread over the processes
+The same as `histomim survival`: `python scripts/train_survival.py --help` explains every option.
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-
-from histomim.training.survival import SurvivalCVConfig, run_survival_cv
-
-
-def parse_args(argv: list[str] | None = None) -> SurvivalCVConfig:
-    defaults = SurvivalCVConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = parser.add_argument_group("study table (one row per patient, or per slide with --patient-col)")
-    data.add_argument(
-        "--table", help="CSV/TSV/parquet study table; omitted: sksurv's breast-cancer cohort (198 patients)"
-    )
-    data.add_argument("--time-col", default=defaults.time_col, help="follow-up time column (non-negative numbers)")
-    outcome = data.add_mutually_exclusive_group()
-    outcome.add_argument("--event-col", help="event column: 1/True = event observed (death, progression), 0 = censored")
-    outcome.add_argument("--censorship-col", help="censorship column (PORPOISE convention): 1 = censored, 0 = event")
-    data.add_argument(
-        "--patient-col", help="patient id column; slides of one patient are collapsed and never split across folds"
-    )
-    features = data.add_mutually_exclusive_group()
-    features.add_argument("--genomic-cols", nargs="+", help="tabular (genomic/clinical) feature columns")
-    features.add_argument("--genomic-prefix", help="use every column whose name starts with this prefix as a feature")
-    data.add_argument("--slide-features-col", help="column of tile-feature files (.npy/.safetensors, N x D) per slide")
-    data.add_argument("--radiology-col", help="column of DICOM/NIfTI scan paths (one per patient)")
-
-    model = parser.add_argument_group("model and training")
-    model.add_argument(
-        "--fusion",
-        choices=["concat", "bilinear", "coattention"],
-        default=defaults.fusion,
-        help="how modalities are fused (only matters with more than one modality)",
-    )
-    model.add_argument(
-        "--head",
-        choices=["cox", "discrete"],
-        default=defaults.head,
-        help="Cox partial likelihood or discrete-time hazards (censored NLL)",
-    )
-    model.add_argument("--folds", type=int, default=defaults.folds, help="number of stratified patient-level folds")
-    model.add_argument("--epochs", type=int, default=defaults.epochs, help="fixed number of full-batch epochs per fold")
-    model.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
-    model.add_argument(
-        "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW (decoupled) weight decay"
-    )
-    model.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seed for the folds, weights, dropout and bootstrap"
-    )
-
-    report = parser.add_argument_group("evaluation and output")
-    report.add_argument(
-        "--n-bootstrap",
-        type=int,
-        default=defaults.n_bootstrap,
-        help="bootstrap resamples per test fold for confidence intervals (0 = none)",
-    )
-    report.add_argument(
-        "--compare-baselines",
-        action="store_true",
-        help="also fit sksurv's Coxnet (inner-CV alpha) and RandomSurvivalForest on the same folds",
-    )
-    report.add_argument(
-        "--output-dir",
-        default=defaults.output_dir,
-        help="where fold_metrics.csv, predictions.csv, summary.json and km_*.png are written",
-    )
-    return SurvivalCVConfig(**vars(parser.parse_args(argv)))
-
+from histomim.cli.survival import main
 
 if __name__ == "__main__":
-    run_survival_cv(parse_args())
+    sys.exit(main())

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from histomim import HistoMIMConfig
-from histomim.benchmark import training_flops_per_image
+from histomim.training.benchmark import training_flops_per_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_a_row_that_cannot_run_is_reported_and_the_others_still_are(monkeypatch)
     """float8 without torchao: that row carries the error, the rest of the report is complete."""
     import sys
 
-    from histomim.benchmark import run_benchmark, standard_variants
+    from histomim.training.benchmark import run_benchmark, standard_variants
 
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     config = HistoMIMConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vit-tiny16", image_size=32)
@@ -72,7 +72,7 @@ def test_a_row_that_cannot_run_is_reported_and_the_others_still_are(monkeypatch)
 
 
 def test_variants_cover_each_compile_mode_and_the_requested_extras():
-    from histomim.benchmark import standard_variants
+    from histomim.training.benchmark import standard_variants
 
     labels = [v.label for v in standard_variants((None, "default"), float8=True, ablations=True)]
     assert labels == ["transformers", "histomim", "transformers, compiled", "histomim, compiled",
@@ -83,7 +83,7 @@ def test_memory_estimate_counts_weights_and_optimizer_state_and_grows_with_the_b
     """Without a GPU: parameters are counted at 4 bytes each, AdamW's state at least twice that, and
     activations grow nearly in proportion to the batch and shrink under bf16 autocast."""
     from histomim import HistoMIMForPreTraining
-    from histomim.benchmark import estimate_training_memory
+    from histomim.training.benchmark import estimate_training_memory
 
     config = HistoMIMConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vit-tiny16", image_size=64)
     parameter_gib = sum(p.numel() for p in HistoMIMForPreTraining(config).parameters()) * 4 / 2**30

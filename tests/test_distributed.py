@@ -27,7 +27,7 @@ RANK_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)  # two processes on two cores
     from histomim.training.pretrain import PretrainArguments, pretrain
 
-    result = pretrain(PretrainArguments(**json.loads(sys.argv[1])))
+    result = pretrain(PretrainArguments(demo=True, **json.loads(sys.argv[1])))
     state = result.model.state_dict()
     digest = hashlib.sha256()
     for name in sorted(state):

@@ -59,6 +59,7 @@ def small_run(tiny_config_dir: Path, output_dir: Path, **overrides) -> PretrainA
         max_steps=8, base_lr=0.02, warmup_steps=1, checkpointing_steps=3, reconstruction_steps=0,
     )  # fmt: skip
     settings.update(overrides)
+    settings.setdefault("demo", not settings.get("data"))
     return PretrainArguments(**settings)
 
 
@@ -68,13 +69,14 @@ def small_run(tiny_config_dir: Path, output_dir: Path, **overrides) -> PretrainA
 def test_default_command_trains_on_sample_slide_and_saves_a_loadable_model(tiny_config_dir, tmp_path):
     output_dir = tmp_path / "demo"
     command = [
-        sys.executable, str(SCRIPT), "--config", str(tiny_config_dir), "--image-size", "64", "--max-steps", "6",
+        sys.executable, str(SCRIPT), "--demo", "--config", str(tiny_config_dir), "--image-size", "64", "--max-steps", "6",
         "--batch-size", "16", "--base-lr", "0.02", "--warmup-steps", "1", "--reconstruction-steps", "3",
         "--checkpointing-steps", "3", "--output-dir", str(output_dir),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss: " in result.stdout and "at step 6" in result.stdout
+    assert result.stdout.startswith("demo: "), result.stdout[:300]  # the demo says so on its first line
 
     # the demo path: tiles of the sample slide at 0.5 um/px, made by tile_slides
     summary = json.loads((output_dir / "pretrain_summary.json").read_text())
@@ -105,7 +107,7 @@ def test_default_command_trains_on_sample_slide_and_saves_a_loadable_model(tiny_
 
     card = check_model_card((output_dir / "README.md").read_text())
     assert card.data.pipeline_tag == "image-feature-extraction" and "mae" in card.data.tags
-    assert "6 (" in card.text and "CMU-1-Small-Region" in card.text
+    assert "6 (" in card.text and "Slides: 1" in card.text and "CMU-1-Small-Region" not in card.text
 
 
 def test_report_to_tensorboard_logs_the_training_metrics(tiny_config_dir, tmp_path):
@@ -173,7 +175,7 @@ def test_resume_after_kill_during_checkpoint_matches_uninterrupted_run(uninterru
     reference_args, reference = uninterrupted
     assert reference.summary["epochs"] == 2.0  # 146 tiles, 4 batches of 32 per epoch: resume lands in epoch 1
     output_dir = tmp_path / "killed"
-    argv = ["--config", str(tiny_config_dir), "--output-dir", str(output_dir), "--image-size", "64", "--mpp", "1.0",
+    argv = ["--demo", "--config", str(tiny_config_dir), "--output-dir", str(output_dir), "--image-size", "64", "--mpp", "1.0",
             "--batch-size", "32", "--max-steps", "8", "--base-lr", "0.02", "--warmup-steps", "1",
             "--checkpointing-steps", "3", "--reconstruction-steps", "0"]  # fmt: skip
     code = KILLED_DURING_SAVE.format(

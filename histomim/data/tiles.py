@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from .slides import Slide, open_slide
-from .tiling import MANIFEST_COLUMNS
+from .tiling import MANIFEST_COLUMNS, TileFolder, is_saved_dataset
 from .transforms import Compose, ToTensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -213,14 +213,15 @@ def _load_folder(folder: Path, split: str, streaming: bool):
     import datasets
 
     # 1. a saved dataset, or a folder of them (tile_slides --save-images writes tiles/<slide_id>/)
-    if _is_saved_dataset(folder):
+    if is_saved_dataset(folder):
         return _load_saved(folder, split)
-    saved = sorted(p for p in folder.iterdir() if p.is_dir() and _is_saved_dataset(p))
+    saved = sorted(p for p in folder.iterdir() if p.is_dir() and is_saved_dataset(p))
     if saved:
         return datasets.concatenate_datasets([_load_saved(p, split) for p in saved])
     # 2. a tile_slides output folder, or a folder of manifests
-    if (folder / "manifest.parquet").is_file():
-        return _manifest_rows(pd.read_parquet(folder / "manifest.parquet"), folder / "manifest.parquet")
+    manifest_path = TileFolder(folder).manifest_path
+    if manifest_path.is_file():
+        return _manifest_rows(pd.read_parquet(manifest_path), manifest_path)
     parquet_files = sorted(folder.rglob("*.parquet"))
     if parquet_files and all(_is_manifest_parquet(p) for p in parquet_files):
         return _manifest_rows(pd.concat([pd.read_parquet(p) for p in parquet_files], ignore_index=True), folder)
@@ -272,10 +273,6 @@ def _is_manifest_parquet(path: Path) -> bool:
 
     names = set(pq.read_schema(path).names)
     return set(MANIFEST_COLUMNS) <= names and "image" not in names
-
-
-def _is_saved_dataset(folder: Path) -> bool:
-    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
 def _column_names(rows) -> list[str] | None:

@@ -152,6 +152,81 @@ class TilingConfig:
     min_tissue: float = 0.5
 
 
+@dataclass(frozen=True)
+class TileFolder:
+    """The output folder of `tile_slides`, and the one place where its file names are spelled::
+
+        tiling_config.json        the settings (`TilingConfig`); a rerun with others is refused
+        manifests/<slide>.parquet one per finished slide, written last (its presence means done)
+        overlays/<slide>.png      thumbnail, tissue outline and tiles
+        tiles/<slide>/            with save_images: the tile pixels (a saved `datasets.Dataset`)
+        manifest.parquet          all slides' tiles, merged
+        errors.json               the slides that failed, with the reason
+    """
+
+    root: Path
+
+    MANIFEST = "manifest.parquet"
+    CONFIG = "tiling_config.json"
+    ERRORS = "errors.json"
+
+    def __init__(self, root: str | Path):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / self.MANIFEST
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def errors_path(self) -> Path:
+        return self.root / self.ERRORS
+
+    @property
+    def manifests_dir(self) -> Path:
+        return self.root / "manifests"
+
+    def slide_manifest_path(self, slide_id: str) -> Path:
+        return self.manifests_dir / f"{slide_id}.parquet"
+
+    def overlay_path(self, slide_id: str) -> Path:
+        return self.root / "overlays" / f"{slide_id}.png"
+
+    def slide_tiles_dir(self, slide_id: str) -> Path:
+        return self.root / "tiles" / slide_id
+
+    def exists(self) -> bool:
+        """Whether ``root`` is a `tile_slides` folder (it records its settings first)."""
+        return self.config_path.is_file()
+
+    def read_config(self) -> dict | None:
+        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
+
+    def read_errors(self) -> list[dict]:
+        return json.loads(self.errors_path.read_text()) if self.errors_path.is_file() else []
+
+    def write_errors(self, errors: list[dict]) -> None:
+        _write_json(self.errors_path, errors)
+
+    def slide_ids(self) -> list[str]:
+        if not self.manifest_path.is_file():
+            return []
+        return sorted(pd.read_parquet(self.manifest_path, columns=["slide_id"])["slide_id"].unique())
+
+    def is_done(self, slide_id: str, save_images: bool) -> bool:
+        # a slide first tiled without images is redone when they are asked for now
+        has_images = not save_images or self.slide_tiles_dir(slide_id).is_dir()
+        return self.slide_manifest_path(slide_id).exists() and has_images
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
 @dataclass
 class TilingReport:
     """The result of `tile_slides`."""
@@ -198,16 +273,16 @@ def tile_slides(
         ValueError: two slides share a file stem (their outputs would collide), or ``out_dir``
             was tiled with different settings.
     """
-    out_dir = Path(out_dir)
+    folder = TileFolder(out_dir)
     config = TilingConfig(mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue)
     slides = [Path(p) for p in paths]
     _check_unique_ids(slides)
-    _check_config(out_dir, config)
+    _check_config(folder, config)
 
     report = TilingReport(manifest=pd.DataFrame())
     todo = []
     for path in slides:
-        if _is_done(out_dir, path.stem, save_images):
+        if folder.is_done(path.stem, save_images):
             report.skipped.append(str(path))
         else:
             todo.append(path)
@@ -215,7 +290,7 @@ def tile_slides(
     from tqdm.auto import tqdm
 
     tile_workers = workers if len(todo) == 1 else 1
-    job = dict(out_dir=out_dir, config=config, save_images=save_images, mpp_override=mpp_override,
+    job = dict(folder=folder, config=config, save_images=save_images, mpp_override=mpp_override,
                backend=backend, tile_workers=tile_workers)  # fmt: skip
     with _executor(workers, len(todo)) as executor, tqdm(total=len(todo), desc="tiling slides", unit="slide") as bar:
         futures = {executor.submit(_tile_one_slide, path, **job): path for path in todo}
@@ -230,11 +305,11 @@ def tile_slides(
                 failure = {"path": str(path), "slide_id": path.stem, "error": type(error).__name__, "message": message}
                 report.errors.append(failure)
                 tqdm.write(f"[tile_slides] failed: {type(error).__name__}: {message}", file=sys.stderr)
-                _write_json(out_dir / "errors.json", report.errors)
+                folder.write_errors(report.errors)
             bar.update()
 
-    _write_json(out_dir / "errors.json", report.errors)
-    report.manifest = merge_manifests(out_dir)
+    folder.write_errors(report.errors)
+    report.manifest = merge_manifests(folder.root)
     return report
 
 
@@ -248,7 +323,7 @@ def _executor(workers: int, n_slides: int) -> Executor:
 
 def _tile_one_slide(
     path: Path,
-    out_dir: Path,
+    folder: TileFolder,
     config: TilingConfig,
     save_images: bool,
     mpp_override: float | None,
@@ -259,7 +334,7 @@ def _tile_one_slide(
     with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
         slide.require_mpp()
         tissue = detect_tissue(slide)
-        overlay_path = out_dir / "overlays" / f"{slide.slide_id}.png"
+        overlay_path = folder.overlay_path(slide.slide_id)
         if tissue.is_empty:
             save_tissue_overlay(slide, tissue, overlay_path)  # so a person can see why
         require_tissue(slide, tissue)
@@ -271,8 +346,8 @@ def _tile_one_slide(
                 f"{config.mpp} um/px has >= {config.min_tissue:.0%} tissue; lower min_tissue (--min-tissue)"
             )
     if save_images:
-        _save_tile_images(manifest, out_dir / "tiles" / path.stem, backend, tile_workers)
-    _write_parquet(manifest, _manifest_path(out_dir, path.stem))
+        _save_tile_images(manifest, folder.slide_tiles_dir(path.stem), backend, tile_workers)
+    _write_parquet(manifest, folder.slide_manifest_path(path.stem))
     return len(manifest)
 
 
@@ -325,23 +400,13 @@ def _arrow_type(dtype) -> str:
 
 
 def merge_manifests(out_dir: str | Path) -> pd.DataFrame:
-    """Concatenate ``out_dir/manifests/*.parquet`` into ``out_dir/manifest.parquet`` (atomically) and return it."""
-    out_dir = Path(out_dir)
-    parts = [pd.read_parquet(p) for p in sorted((out_dir / "manifests").glob("*.parquet"))]
+    """Concatenate the per-slide manifests of a `TileFolder` into its ``manifest.parquet`` (atomically); return it."""
+    folder = TileFolder(out_dir)
+    parts = [pd.read_parquet(p) for p in sorted(folder.manifests_dir.glob("*.parquet"))]
     merged = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(MANIFEST_COLUMNS))
     merged = merged.astype(_MANIFEST_DTYPES)
-    _write_parquet(merged, out_dir / "manifest.parquet")
+    _write_parquet(merged, folder.manifest_path)
     return merged
-
-
-def _is_done(out_dir: Path, slide_id: str, save_images: bool) -> bool:
-    # a slide first tiled without images is redone when they are asked for now
-    has_images = not save_images or (out_dir / "tiles" / slide_id).is_dir()
-    return _manifest_path(out_dir, slide_id).exists() and has_images
-
-
-def _manifest_path(out_dir: Path, slide_id: str) -> Path:
-    return out_dir / "manifests" / f"{slide_id}.parquet"
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -362,16 +427,16 @@ def _check_unique_ids(slides: list[Path]) -> None:
         seen[path.stem] = path
 
 
-def _check_config(out_dir: Path, config: TilingConfig) -> None:
-    """Record the settings on first use of ``out_dir``; refuse to mix tiles made with other settings."""
-    config_path = out_dir / "tiling_config.json"
-    if config_path.exists():
-        previous = json.loads(config_path.read_text())
+def _check_config(folder: TileFolder, config: TilingConfig) -> None:
+    """Record the settings on first use of the folder; refuse to mix tiles made with other settings."""
+    config_path = folder.config_path
+    previous = folder.read_config()
+    if previous is not None:
         changed = {k: (previous.get(k), v) for k, v in asdict(config).items() if previous.get(k) != v}
         if changed:
             details = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
             raise ValueError(
-                f"{out_dir} was tiled with other settings ({details}, see {config_path}); use a new --out folder"
+                f"{folder.root} was tiled with other settings ({details}, see {config_path}); use a new --out folder"
             )
     else:
         _write_json(config_path, asdict(config))

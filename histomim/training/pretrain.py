@@ -1,11 +1,13 @@
 """Masked image modeling pretraining (MAE or SimMIM) of a HistoMIM encoder with Accelerate.
 
-    python scripts/pretrain.py                                   # the built-in demo (see below)
-    accelerate launch scripts/pretrain.py --config histomim-vitb16 --data slides/ --epochs 100
+    histomim pretrain                                            # the built-in demo (see below)
+    accelerate launch -m histomim.cli pretrain --config histomim-vitb16 --data slides/ --epochs 100
     torchrun --nproc_per_node 8 scripts/pretrain.py --data tiles/manifest.parquet --mixed-precision bf16
 
-With no ``--data`` it runs the built-in demo: the tiny preset learns MAE on tiles of the CMU-1
-sample slide with `DEMO_DEFAULTS` (112 px, 150 steps), in a minute or two on 2 CPU cores.
+The demo (``--demo``, or no flag at all) has the tiny preset learn MAE on tiles of the CMU-1 sample
+slide with `DEMO_DEFAULTS` (112 px, 150 steps), in a minute or two on 2 CPU cores. The arguments
+are `histomim.training.arguments.PretrainArguments`; the run's summary and card values come from
+`histomim.run_report`.
 
 One training step is a pure function of the training state and ``(seed, step)``: the data order
 comes from the seeded sampler of Accelerate, the augmentation from ``(seed, epoch, index)``
@@ -22,30 +24,28 @@ Output folder::
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import platform
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from transformers.hf_argparser import HfArg
 
+from ..atomic import atomic_path
+from ..data.sources import prepare_tiles
 from ..mim import HistoMIMConfig, HistoMIMForPreTraining, image_processor_for
 from ..presets import config_source, preset_names
+from ..run_report import card_info, print_loss_summary, public_summary, run_summary
+from .arguments import PretrainArguments, trackers, with_demo_defaults
 from .common import (
     ThroughputMeter,
     derive_seed,
-    hardware_summary,
     jsonable,
     load_checkpoint,
-    loss_summary,
     make_adamw,
     resolve_checkpoint,
     save_checkpoint,
@@ -54,132 +54,8 @@ from .common import (
 )
 from .float8 import convert_to_float8
 
-DEFAULT_PRESET = "histomim-vit-tiny16"
-DEFAULT_OUTPUT_DIR = "outputs/histomim-tiny-demo"
-# Without --data: the tiny preset on the sample slide, sized to finish in a minute or two on 2 CPU cores
-# with a clearly falling loss (a higher base lr than MAE's 1.5e-4, which assumes a batch of 4096).
-DEMO_DEFAULTS = {"image_size": 112, "max_steps": 150, "base_lr": 1.5e-3}
-DEFAULT_EPOCHS = 100
-MAE_BASE_LR = 1.5e-4
 VISUALIZATION_KEY = 0x5EED  # keys the fixed mask noise of the reconstruction grids
 NUM_VISUALIZED = 6
-# Config values recorded in pretrain_summary.json and shown on the model card.
-CARD_CONFIG_KEYS = (
-    "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "pooling", "pooled_size",
-    "objective", "mask_ratio", "norm_pix_loss", "decoder_hidden_size", "decoder_num_hidden_layers", "target_mpp",
-)  # fmt: skip
-
-
-@dataclass
-class PretrainArguments:
-    """Everything a pretraining run needs; every field is a ``--flag`` of scripts/pretrain.py."""
-
-    config: str = HfArg(
-        default=DEFAULT_PRESET,
-        help="Model config: a preset in hub_configs/ (histomim-vit-tiny16, histomim-vits16, histomim-vitb16, "
-        "histomim-vitl16, histomim-vitb16-simmim), a config folder or a Hub id (default: histomim-vit-tiny16).",
-    )
-    data: list[str] = HfArg(
-        default_factory=list,
-        help="Training tiles: slide files or folders of slides (tiled first at --mpp into --tile-dir), or one tile "
-        "source that load_tile_dataset reads (image folder, saved dataset, parquet, tile manifest or tile_slides "
-        "folder, Hub dataset id). Default: the demo, on the CMU-1 sample slide; unset flags then take the demo's "
-        "values (image size 112, 150 steps, base lr 1.5e-3).",
-    )
-    output_dir: str = HfArg(
-        default=DEFAULT_OUTPUT_DIR, help=f"Where the model, plots and checkpoints go (default: {DEFAULT_OUTPUT_DIR})."
-    )
-    objective: Literal["mae", "simmim"] | None = HfArg(
-        default=None, help="Pretraining objective (default: the config's)."
-    )
-    mask_ratio: float | None = HfArg(default=None, help="Share of patches masked, in (0, 1) (default: the config's).")
-    image_size: int | None = HfArg(
-        default=None,
-        help="Training image size in px, also the tile size when slides are tiled (default: the config's; 112 for "
-        "the demo).",
-    )
-    mpp: float = HfArg(
-        default=0.5, help="Resolution (um/px) at which slides are tiled; 0.5 is about 20x (default: 0.5)."
-    )
-    tile_dir: str | None = HfArg(
-        default=None, help="Where slides are tiled, reused when rerun (default: <output-dir>/tiles/<mpp>mpp-<size>px)."
-    )
-    stain: str = HfArg(default="H&E", help="Stain of the training slides, for the model card (default: H&E).")
-    epochs: int | None = HfArg(
-        default=None, help=f"Passes over the tiles (default: {DEFAULT_EPOCHS}; ignored with --max-steps)."
-    )
-    max_steps: int | None = HfArg(
-        default=None,
-        help="Optimizer steps to train for; overrides --epochs (default: from --epochs; 150 for the demo).",
-    )
-    batch_size: int = HfArg(default=32, help="Tiles per device per micro-batch (default: 32).")
-    grad_accum: int = HfArg(default=1, help="Micro-batches accumulated per optimizer step (default: 1).")
-    base_lr: float | None = HfArg(
-        default=None,
-        help=f"Base learning rate; lr = base_lr x global batch / 256 (default: {MAE_BASE_LR} as MAE; 1.5e-3 for the "
-        "demo).",
-    )
-    weight_decay: float = HfArg(
-        default=0.05, help="AdamW weight decay, not on norms, biases, tokens and position embeddings (default: 0.05)."
-    )
-    warmup_steps: int | None = HfArg(
-        default=None, help="Linear warmup steps before the cosine decay (default: 5%% of the steps)."
-    )
-    max_grad_norm: float | None = HfArg(
-        default=None, help="Clip gradients to this global norm (default: no clipping; the norm is logged either way)."
-    )
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = HfArg(
-        default=None, help="Mixed precision (default: from `accelerate config` / accelerate launch, else no)."
-    )
-    compile: bool = HfArg(default=False, help="torch.compile the model (inductor).")
-    float8: bool = HfArg(
-        default=False,
-        help="Run the transformer linears' matmuls in float8 with torchao (Ada/Hopper GPUs; use with --compile "
-        "and bf16). Faster on large batches, not bit-exact; saved weights are ordinary full-precision weights.",
-    )
-    cpu: bool = HfArg(default=False, help="Train on CPU even if a GPU is available.")
-    num_workers: int | None = HfArg(
-        default=None,
-        help="DataLoader processes per device (default: 0 on CPU, where loading and training share the cores; "
-        "otherwise up to 8, as the CPU cores per device allow).",
-    )
-    augment_on_device: bool = HfArg(
-        default=False,
-        help="Run the whole augmentation (random resized crop, flips, rotations, HED stain and colour jitter, "
-        "normalisation) batched on the accelerator; DataLoader workers only decode tiles to uint8. Frees the CPU "
-        "workers when the GPU outruns them (see docs/performance.md).",
-    )
-    seed: int = HfArg(default=0, help="Seed of the initialisation, data order, augmentation and masks (default: 0).")
-    checkpointing_steps: int = HfArg(
-        default=500, help="Save a resumable checkpoint every N steps and at the end; 0: never (default: 500)."
-    )
-    checkpoints_total_limit: int | None = HfArg(default=2, help="Keep only the newest N checkpoints (default: 2).")
-    resume_from_checkpoint: str | None = HfArg(
-        default=None,
-        help="Resume from a checkpoint folder, a checkpoints folder (its newest) or 'latest' (the newest in "
-        "<output-dir>/checkpoints).",
-    )
-    reconstruction_steps: int = HfArg(
-        default=500,
-        help="Save a PNG grid of original / masked / reconstruction every N steps and at the end; 0: only at the "
-        "end (default: 500).",
-    )
-    report_to: Literal["none", "tensorboard", "trackio", "all"] = HfArg(
-        default="none",
-        help="Accelerate tracker for loss, lr, grad norm and img/s, logging to <output-dir>/logs (default: none).",
-    )
-    push_to_hub: bool = HfArg(default=False, help="Upload the trained model to the Hugging Face Hub at the end.")
-    hub_model_id: str | None = HfArg(
-        default=None, help="Repository for --push-to-hub, e.g. org/histomim-vitb (default: the output folder's name)."
-    )
-    hub_private_repo: bool = HfArg(default=False, help="Create the Hub repository as private.")
-    license: str = HfArg(
-        default="apache-2.0", help="License of the published model, for the card (default: apache-2.0)."
-    )
-
-    @property
-    def is_demo(self) -> bool:
-        return not self.data
 
 
 @dataclass
@@ -227,23 +103,6 @@ class Schedule:
 # -- setup -----------------------------------------------------------------------------------------
 
 
-def with_demo_defaults(args: PretrainArguments) -> PretrainArguments:
-    """Fill unset fields: the demo's settings without --data, the general defaults otherwise."""
-    demo = DEMO_DEFAULTS if args.is_demo else {}
-    args = replace(args, **{name: value for name, value in demo.items() if getattr(args, name) is None})
-    if args.base_lr is None:
-        args = replace(args, base_lr=MAE_BASE_LR)
-    if args.epochs is None and args.max_steps is None:
-        args = replace(args, epochs=DEFAULT_EPOCHS)
-    for name in ("batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "epochs"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
-
-
 def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoMIMConfig:
     """The preset/folder/Hub config with the command line's overrides applied (and validated)."""
     try:
@@ -289,93 +148,19 @@ def make_accelerator(args: PretrainArguments):
     )
 
 
-def trackers(report_to: str) -> list[str] | str | None:
-    """Validate ``--report-to``; a missing tracker package is an error rather than silence."""
-    if report_to == "none":
-        return None
-    if report_to == "all":
-        return "all"
-    if importlib.util.find_spec(report_to) is None:
-        raise ImportError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}")
-    return [report_to]
+def training_inputs(args: PretrainArguments, accelerator) -> list[str]:
+    """``--data``, or the sample slide for the demo (fetched once, by the main process first)."""
+    if not args.demo:
+        return list(args.data)
+    from ..data.samples import sample_slide_path
+
+    with accelerator.main_process_first():
+        return [str(sample_slide_path())]
 
 
-@dataclass
-class TileData:
-    """Where the training tiles come from, for loading and for the model card."""
-
-    source: str  # what load_tile_dataset reads
-    inputs: list[str]  # what the user gave (or the sample slide)
-    mpp: float | None  # um/px of the tiles, when known
-    tile_size: int | None
-    slides: list[str]  # slide ids, when known
-    failed_slides: list[str]  # "path: reason" of slides that could not be tiled
-
-
-def prepare_tiles(args: PretrainArguments, accelerator, image_size: int) -> TileData:
-    """Resolve ``--data``: tile slide inputs (on the main process, reused when rerun) or pass a tile source on.
-
-    A slide that cannot be read or has no tissue is reported with its path and left out; the run
-    stops only if no slide gave tiles.
-    """
-    from ..data.slides import PLAIN_IMAGE_EXTENSIONS, SLIDE_EXTENSIONS
-
-    whole_slide_extensions = tuple(e for e in SLIDE_EXTENSIONS if e not in PLAIN_IMAGE_EXTENSIONS)
-    if args.is_demo:
-        from ..data.samples import sample_slide_path
-
-        with accelerator.main_process_first():  # the first call may download it
-            inputs = [str(sample_slide_path())]
-    else:
-        inputs = list(args.data)
-    slide_inputs = [p for p in inputs if is_slide_input(Path(p), whole_slide_extensions)]
-    if not slide_inputs:
-        if len(inputs) > 1:
-            raise ValueError(f"--data takes slide files/folders or a single tile source, got {inputs}")
-        return TileData(source=inputs[0], inputs=inputs, **describe_tiles(Path(inputs[0])))
-    if len(slide_inputs) != len(inputs):
-        others = [p for p in inputs if p not in slide_inputs]
-        raise ValueError(
-            f"--data mixes slides with other tile sources {others}; tile the slides with scripts/tile_slides.py first"
-        )
-
-    from ..data.tiling import find_slides, tile_slides
-
-    tile_dir = Path(args.tile_dir or Path(args.output_dir) / "tiles" / f"{args.mpp:g}mpp-{image_size}px")
-    if accelerator.is_main_process:  # tile_slides reports each failed slide by path and goes on
-        slides = find_slides(slide_inputs, whole_slide_extensions)
-        report = tile_slides(slides, tile_dir, mpp=args.mpp, tile_size=image_size)
-        if report.manifest.empty:
-            failures = "; ".join(error["message"] for error in report.errors) or "no tissue found"
-            raise ValueError(f"no tiles from {', '.join(slide_inputs)}: {failures}")
-    accelerator.wait_for_everyone()
-    return TileData(source=str(tile_dir), inputs=inputs, **describe_tiles(tile_dir))
-
-
-def describe_tiles(source: Path) -> dict[str, Any]:
-    """Resolution, tile size, slides and failed slides of a `tile_slides` folder; unknown for other sources."""
-    if not (source / "tiling_config.json").is_file():
-        return {"mpp": None, "tile_size": None, "slides": [], "failed_slides": []}
-    import pandas as pd
-
-    tiling = json.loads((source / "tiling_config.json").read_text())
-    errors_file = source / "errors.json"
-    errors = json.loads(errors_file.read_text()) if errors_file.is_file() else []
-    return {
-        "mpp": tiling["mpp"],
-        "tile_size": tiling["tile_size"],
-        "slides": sorted(pd.read_parquet(source / "manifest.parquet", columns=["slide_id"])["slide_id"].unique()),
-        "failed_slides": [error["message"] for error in errors],
-    }
-
-
-def is_slide_input(path: Path, whole_slide_extensions: tuple[str, ...]) -> bool:
-    """A whole-slide file, or a folder holding any (and not itself a tile dataset)."""
-    if path.is_file():
-        return path.suffix.lower() in whole_slide_extensions
-    if not path.is_dir() or (path / "manifest.parquet").exists() or (path / "state.json").exists():
-        return False
-    return any(p.suffix.lower() in whole_slide_extensions for p in path.rglob("*") if p.is_file())
+def tile_dir(args: PretrainArguments, image_size: int) -> Path:
+    """Where slide inputs are tiled: ``--tile-dir``, or one folder per resolution and size in the output."""
+    return Path(args.tile_dir or Path(args.output_dir) / "tiles" / f"{args.mpp:g}mpp-{image_size}px")
 
 
 def make_dataloader(dataset, args: PretrainArguments, accelerator) -> torch.utils.data.DataLoader:
@@ -428,6 +213,11 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
 
     args = with_demo_defaults(args)
     accelerator = make_accelerator(args)
+    if args.demo:
+        accelerator.print(
+            f"demo: {args.config} learns {args.objective or 'its objective'} on tiles of the CMU-1 sample slide for "
+            f"{args.max_steps or args.epochs} {'steps' if args.max_steps else 'epochs'} (give --data to train on your tiles)"
+        )
     output_dir = Path(args.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     if accelerator.is_main_process:
@@ -435,7 +225,7 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
 
     # 1. data: tiles of the slides (or the given tile source), augmented per (seed, epoch, index)
     image_size = args.image_size or load_model_config(args, None).image_size
-    tiles = prepare_tiles(args, accelerator, image_size)
+    tiles = prepare_tiles(training_inputs(args, accelerator), tile_dir(args, image_size), args.mpp, image_size, accelerator)
     config = load_model_config(args, tiles.mpp)
     # with --augment-on-device the workers only decode; the loop augments whole batches on the device
     if args.augment_on_device:
@@ -497,6 +287,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
         if accelerator.is_main_process and args.reconstruction_steps and state.step % args.reconstruction_steps == 0:
             grid = output_dir / "reconstructions" / f"step_{state.step:06d}.png"
             save_reconstructions(accelerator, model, visual_batch, grid, state.step, args.seed)
+            if args.report_to != "none":
+                log_image(accelerator, "train/reconstruction", grid, state.step)
         if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
             checkpoint()
 
@@ -520,7 +312,9 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
         if args.push_to_hub:
             from ..hub import push_to_hub
 
-            print(f"pushed to {push_to_hub(output_dir, summary['repo_id'], private=args.hub_private_repo)}")
+            published = {"pretrain_summary.json": json.dumps(public_summary(summary), indent=1) + "\n"}
+            url = push_to_hub(output_dir, summary["repo_id"], private=not args.public, replace_files=published)
+            print(f"pushed to {url} ({'public' if args.public else 'private'})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return PretrainResult(output_dir=output_dir, model=unwrapped, losses=list(state.losses), summary=summary)
@@ -621,6 +415,19 @@ def save_reconstructions(accelerator, model, pixel_values: torch.Tensor, path: P
     )
 
 
+def log_image(accelerator, name: str, png: Path, step: int) -> None:
+    """Send a PNG to every tracker that takes images (TensorBoard wants NHWC arrays, the others a list)."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({name: [pixels]}, step=step)
+
+
 def save_outputs(
     accelerator, output_dir: Path, model, state_dict, visual_batch, summary: dict, args: PretrainArguments
 ) -> None:
@@ -636,108 +443,10 @@ def save_outputs(
     losses = summary.pop("losses")
     save_loss_curve(range(1, len(losses) + 1), losses, output_dir / "loss_curve.png",
                     title=f"{model.config.objective.upper()} loss ({summary['model_name']})")  # fmt: skip
-    (output_dir / "pretrain_summary.json").write_text(
-        json.dumps(jsonable({**summary, "losses": losses}), indent=1) + "\n"
-    )
+    with atomic_path(output_dir / "pretrain_summary.json") as partial:
+        partial.write_text(json.dumps(jsonable({**summary, "losses": losses}), indent=1) + "\n")
     write_model_card(output_dir, card_info(summary))
     summary["losses"] = losses
-
-
-def run_summary(
-    args: PretrainArguments, accelerator, model: HistoMIMForPreTraining, tiles: TileData, num_tiles: int,
-    state: TrainingState, schedule: Schedule, elapsed: float,
-) -> dict[str, Any]:  # fmt: skip
-    """Everything worth knowing about the run, for pretrain_summary.json and the model card."""
-    import transformers
-
-    from .. import __version__
-
-    losses = loss_summary(state.losses)
-    encoder_parameters = sum(p.numel() for p in model.histomim.parameters())
-    return {
-        "model_name": Path(args.output_dir).name,
-        "repo_id": args.hub_model_id or Path(args.output_dir).name,
-        "preset": Path(args.config).name,  # a preset name, or the config folder's name
-        "config": {name: getattr(model.config, name) for name in CARD_CONFIG_KEYS},
-        "encoder_parameters": encoder_parameters,
-        "total_parameters": sum(p.numel() for p in model.parameters()),
-        "data": {
-            "inputs": tiles.inputs,
-            "source": tiles.source,
-            "slides": tiles.slides,
-            "failed_slides": tiles.failed_slides,
-            "num_tiles": num_tiles,
-            "mpp": tiles.mpp,
-            "tile_size": tiles.tile_size,
-            "stain": args.stain,
-        },  # fmt: skip
-        "steps": state.step,
-        "epochs": state.step / schedule.steps_per_epoch,
-        **asdict(schedule),
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "hardware": hardware_summary(accelerator),
-        "elapsed_seconds": elapsed,
-        **losses,
-        "losses": list(state.losses),
-        "versions": {
-            "histomim": __version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },  # fmt: skip
-        "args": asdict(args),
-    }
-
-
-def card_info(summary: dict[str, Any]) -> dict[str, Any]:
-    """The values the model card template names, from a run summary."""
-    args, config, data = summary["args"], summary["config"], summary["data"]
-    mpp = data["mpp"] or config["target_mpp"]
-    return {
-        "model_name": summary["model_name"],
-        "repo_id": summary["repo_id"] if "/" in summary["repo_id"] else f"<user>/{summary['repo_id']}",
-        "preset": summary["preset"],
-        **config,
-        "objective_name": {"mae": "masked autoencoding (MAE)", "simmim": "SimMIM"}[config["objective"]],
-        "mpp_text": f"{mpp:g} um/px (about {10 / mpp:g}x)" if mpp else "unknown resolution",
-        "encoder_parameters": f"{summary['encoder_parameters'] / 1e6:.1f}M",
-        "total_parameters": f"{summary['total_parameters'] / 1e6:.1f}M",
-        "sources": [Path(p).name for p in data["inputs"]],
-        "slides": data["slides"],
-        "num_slides": len(data["slides"]) or None,
-        "num_tiles": data["num_tiles"],
-        "tile_size": data["tile_size"] or config["image_size"],
-        "stain": data["stain"],
-        "steps": summary["steps"],
-        "epochs_text": f"{summary['epochs']:.1f}",
-        "global_batch_size": summary["global_batch_size"],
-        "num_processes": summary["num_processes"],
-        "batch_size": args["batch_size"],
-        "grad_accum": args["grad_accum"],
-        "weight_decay": args["weight_decay"],
-        "lr": f"{summary['lr']:.3g}",
-        "base_lr": f"{args['base_lr']:.3g}",
-        "warmup_steps": summary["warmup_steps"],
-        "mixed_precision": (summary["mixed_precision"] if summary["mixed_precision"] != "no" else "float32")
-        + (", float8 matmuls in the transformer blocks (torchao)" if args["float8"] else ""),
-        "first_loss": f"{summary['first_loss']:.4f}",
-        "final_loss": f"{summary['last_loss']:.4f}",
-        "final_loss_mean": f"{summary['last_mean']:.4f}",
-        "loss_window": summary["window"],
-        "hardware": summary["hardware"],
-        "duration": format_duration(summary["elapsed_seconds"]),
-        "histomim_version": summary["versions"]["histomim"],
-        "torch_version": summary["versions"]["torch"],
-        "transformers_version": summary["versions"]["transformers"],
-        "license": args["license"],
-    }
-
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s"
 
 
 def tracker_config(args: PretrainArguments) -> dict[str, Any]:
@@ -750,15 +459,6 @@ def tracker_config(args: PretrainArguments) -> dict[str, Any]:
     return flat
 
 
-def print_loss_summary(summary: dict[str, Any], output_dir: Path) -> None:
-    first, last, window = summary["first_mean"], summary["last_mean"], summary["window"]
-    print(
-        f"\nloss: {summary['first_loss']:.4f} at step 1 -> {summary['last_loss']:.4f} at step {summary['steps']} "
-        f"(mean of the first / last {window} steps: {first:.4f} -> {last:.4f}, {summary['relative_change']:+.1%})\n"
-        f"model, card and plots saved to {output_dir} in {format_duration(summary['elapsed_seconds'])}",
-        file=sys.stdout,
-        flush=True,
-    )
 
 
 __all__ = ["PretrainArguments", "PretrainResult", "pretrain", "load_model_config", "mask_noise_shape"]

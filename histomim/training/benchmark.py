@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .export import from_vit_mae, from_vit_simmim, vit_encoder_settings
-from .mim.configuration_histomim import HistoMIMConfig
-from .mim.masking import block_random_mask, num_visible_patches
+from ..export import from_vit_mae, from_vit_simmim, vit_encoder_settings
+from ..mim.configuration_histomim import HistoMIMConfig
+from ..mim.masking import block_random_mask, num_visible_patches
 
 
 # --------------------------------------------------------------------------- FLOP counting
@@ -185,7 +185,7 @@ def build_variant(variant: Variant, config: HistoMIMConfig, device: torch.device
     model = reference if variant.implementation == "transformers" else ours
     model.config._attn_implementation = variant.attention
     if variant.float8:
-        from .training.float8 import convert_to_float8
+        from .float8 import convert_to_float8
 
         convert_to_float8(model)
     return model.to(device).train()
@@ -354,7 +354,7 @@ def estimate_training_memory(config: HistoMIMConfig, batch_size: int, dtype: str
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from .mim.modeling_histomim import HistoMIMForPreTraining
+    from ..mim.modeling_histomim import HistoMIMForPreTraining
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     with FakeTensorMode():
@@ -397,10 +397,10 @@ def data_pipeline_throughput(
     """
     import tempfile
 
-    from .data.samples import sample_slide_path
-    from .data.tiles import load_tile_dataset
-    from .data.tiling import tile_slides
-    from .data.transforms import device_augmentation_worker_transform, pretrain_transform
+    from ..data.samples import sample_slide_path
+    from ..data.tiles import load_tile_dataset
+    from ..data.tiling import tile_slides
+    from ..data.transforms import device_augmentation_worker_transform, pretrain_transform
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per-core figures
@@ -438,7 +438,7 @@ def device_augmentation_throughput(
 ) -> float:
     """Images/s of `DeviceAugmentation` (crop, flips, rotations, HED and colour jitter, normalisation of
     uint8 batches) on `device`: the cost of `--augment-on-device` in the training step."""
-    from .data.transforms import DeviceAugmentation
+    from ..data.transforms import DeviceAugmentation
 
     augment = DeviceAugmentation(image_size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     tiles = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
@@ -491,7 +491,7 @@ def format_report(report: BenchmarkReport) -> str:
 def save_benchmark_plot(report: BenchmarkReport, path) -> Path:
     """A PNG with one panel per objective: img/s of every row that ran, each bar labelled with its MFU
     and its speed relative to the first transformers row (eager, when eager ran)."""
-    from .plotting import pyplot, save_png
+    from ..plotting import pyplot, save_png
 
     objectives = list(dict.fromkeys(r.objective for r in report.results))
     if not objectives:

@@ -1,0 +1,71 @@
+"""Tile whole-slide images at a physical resolution into manifests (and optionally tile images).
+
+    histomim tile slides/ extra.svs --out tiles/ --mpp 0.5 --tile-size 224 --workers 4
+
+Rerunning with the same --out skips finished slides. Exits non-zero only if every slide failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..data.slides import BACKENDS, SLIDE_EXTENSIONS
+from ..data.tiling import find_slides, tile_slides
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "slides", nargs="+", help=f"slide files and/or folders (searched recursively for {' '.join(SLIDE_EXTENSIONS)})"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder: manifests/, overlays/, manifest.parquet, errors.json"
+    )
+    parser.add_argument(
+        "--mpp", type=float, default=0.5, help="target resolution of the tiles in um/px (default: 0.5, i.e. 20x)"
+    )
+    parser.add_argument("--tile-size", type=int, default=224, help="tile side in pixels at --mpp (default: 224)")
+    parser.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default: 0)")
+    parser.add_argument(
+        "--min-tissue", type=float, default=0.5,
+        help="keep tiles with at least this tissue fraction, 0-1 (default: 0.5)",
+    )  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="parallel processes over slides (default: 1)")
+    parser.add_argument(
+        "--save-images", action="store_true",
+        help="also write tile pixels as datasets (tiles/<slide_id>/, save_to_disk)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto",
+        help="slide reader (default: auto = tiffslide, then OpenSlide, then PIL)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--mpp-override", type=float, default=None,
+        help="level-0 um/px to assume for every slide, e.g. for PNGs without resolution metadata",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    report = tile_slides(
+        find_slides(args.slides),
+        args.out,
+        mpp=args.mpp,
+        tile_size=args.tile_size,
+        overlap=args.overlap,
+        min_tissue=args.min_tissue,
+        workers=args.workers,
+        save_images=args.save_images,
+        mpp_override=args.mpp_override,
+        backend=args.backend,
+    )
+    print(
+        f"{len(report.tiled)} slides tiled, {len(report.skipped)} already done, {len(report.errors)} failed; "
+        f"{len(report.manifest)} tiles in {args.out}/manifest.parquet"
+    )
+    for error in report.errors:
+        print(f"  failed: {error['message']}", file=sys.stderr)
+    return 1 if report.all_failed else 0
+

@@ -1,0 +1,188 @@
+"""What a pretraining run reports: the run summary (``pretrain_summary.json``), the values the model
+card template names, its published (redacted) form, and the closing line printed after training.
+
+`histomim.hub` renders and uploads; this module decides what is said.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .data.sources import TileData
+from .training.common import hardware_summary, jsonable, loss_summary
+
+# Config values recorded in pretrain_summary.json and shown on the model card.
+CARD_CONFIG_KEYS = (
+    "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "pooling", "pooled_size",
+    "objective", "mask_ratio", "norm_pix_loss", "decoder_hidden_size", "decoder_num_hidden_layers", "target_mpp",
+)  # fmt: skip
+
+
+def run_summary(
+    args, accelerator, model, tiles: TileData, num_tiles: int, state, schedule, elapsed: float
+) -> dict[str, Any]:
+    """Everything worth knowing about the run, for pretrain_summary.json and the model card.
+
+    ``args``: the `PretrainArguments`; ``model``: the unwrapped `HistoMIMForPreTraining`; ``state`` and
+    ``schedule``: the loop's `TrainingState` and `Schedule`.
+    """
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+
+    losses = loss_summary(state.losses)
+    encoder_parameters = sum(p.numel() for p in model.histomim.parameters())
+    return {
+        "model_name": Path(args.output_dir).name,
+        "repo_id": args.hub_model_id or Path(args.output_dir).name,
+        "preset": Path(args.config).name,  # a preset name, or the config folder's name
+        "demo": args.demo,
+        "config": {name: getattr(model.config, name) for name in CARD_CONFIG_KEYS},
+        "encoder_parameters": encoder_parameters,
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "data": {
+            "inputs": tiles.inputs,
+            "source": tiles.source,
+            "slides": tiles.slides,
+            "failed_slides": tiles.failed_slides,
+            "num_tiles": num_tiles,
+            "mpp": tiles.mpp,
+            "tile_size": tiles.tile_size,
+            "stain": args.stain,
+        },  # fmt: skip
+        "steps": state.step,
+        "epochs": state.step / schedule.steps_per_epoch,
+        **asdict(schedule),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "hardware": hardware_summary(accelerator),
+        "elapsed_seconds": elapsed,
+        **losses,
+        "losses": list(state.losses),
+        "versions": {
+            "histomim": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
+        "args": asdict(args),
+    }
+
+
+def card_info(summary: dict[str, Any]) -> dict[str, Any]:
+    """The values the model card template names, from a run summary."""
+    args, config, data = summary["args"], summary["config"], summary["data"]
+    mpp = data["mpp"]  # known only from the tiling (or the data); a preset's target is no measurement
+    list_slides = args["card_list_slides"]
+    return {
+        "model_name": summary["repo_id"] if "/" in summary["repo_id"] else summary["model_name"],
+        "repo_id": summary["repo_id"] if "/" in summary["repo_id"] else f"<user>/{summary['repo_id']}",
+        "preset": summary["preset"],
+        **config,
+        "objective_name": {"mae": "masked autoencoding (MAE)", "simmim": "SimMIM"}[config["objective"]],
+        "mpp_text": f"{mpp:g} um/px (about {10 / mpp:g}x)" if mpp else "unknown resolution",
+        "encoder_parameters": f"{summary['encoder_parameters'] / 1e6:.1f}M",
+        "total_parameters": f"{summary['total_parameters'] / 1e6:.1f}M",
+        "sources": [Path(p).name for p in data["inputs"]] if list_slides else [],
+        "num_sources": len(data["inputs"]),
+        "slides": data["slides"] if list_slides else [],
+        "num_slides": len(data["slides"]) or None,
+        "num_tiles": data["num_tiles"],
+        "tile_size": data["tile_size"] or config["image_size"],
+        "stain": data["stain"],
+        "steps": summary["steps"],
+        "epochs_text": f"{summary['epochs']:.1f}",
+        "global_batch_size": summary["global_batch_size"],
+        "num_processes": summary["num_processes"],
+        "batch_size": args["batch_size"],
+        "grad_accum": args["grad_accum"],
+        "weight_decay": args["weight_decay"],
+        "lr": f"{summary['lr']:.3g}",
+        "base_lr": f"{args['base_lr']:.3g}",
+        "warmup_steps": summary["warmup_steps"],
+        "mixed_precision": (summary["mixed_precision"] if summary["mixed_precision"] != "no" else "float32")
+        + (", float8 matmuls in the transformer blocks (torchao)" if args["float8"] else ""),
+        "first_loss": f"{summary['first_loss']:.4f}",
+        "final_loss": f"{summary['last_loss']:.4f}",
+        "final_loss_mean": f"{summary['last_mean']:.4f}",
+        "loss_window": summary["window"],
+        "hardware": summary["hardware"],
+        "duration": format_duration(summary["elapsed_seconds"]),
+        "histomim_version": summary["versions"]["histomim"],
+        "torch_version": summary["versions"]["torch"],
+        "transformers_version": summary["versions"]["transformers"],
+        "license": args["license"],
+        "license_name": args["license_name"],
+        "license_link": args["license_link"],
+        "datasets": card_datasets(args),
+        "gated_prompt": args["gated_prompt"],
+        "gated_fields": args["gated_fields"],
+        "has_reconstruction": True,
+    }
+
+
+def card_datasets(args: dict[str, Any]) -> list[str]:
+    """Hub dataset ids for the card: given with --dataset-ids, or a Hub id given as --data."""
+    if args["dataset_ids"]:
+        return list(args["dataset_ids"])
+    return [source for source in args["data"] if is_hub_id(source)]
+
+
+def is_hub_id(source: str) -> bool:
+    """``org/name`` that is not a local path."""
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and not Path(source).exists()
+
+
+def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary as published: no absolute paths anywhere, slide names only with --card-list-slides."""
+    public = redact_paths(jsonable(summary))
+    if not summary["args"]["card_list_slides"]:
+        data = public["data"]
+        data["slides"] = len(summary["data"]["slides"])
+        data["failed_slides"] = len(summary["data"]["failed_slides"])
+        data["inputs"] = len(summary["data"]["inputs"])
+        data["source"] = None
+        public["args"]["data"] = len(summary["args"]["data"])
+    return public
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/](?:[^\s'\":,;]+[\\/])+([^\s'\":,;]*)")
+
+
+def redact_paths(value: Any) -> Any:
+    """Every absolute path inside strings of a JSON-like value -> its last component."""
+    if isinstance(value, str):
+        return ABSOLUTE_PATH.sub(lambda match: match.group(1), value)
+    if isinstance(value, dict):
+        return {key: redact_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_paths(item) for item in value]
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s"
+
+
+def print_loss_summary(summary: dict[str, Any], output_dir: Path) -> None:
+    first, last, window = summary["first_mean"], summary["last_mean"], summary["window"]
+    print(
+        f"\nloss: {summary['first_loss']:.4f} at step 1 -> {summary['last_loss']:.4f} at step {summary['steps']} "
+        f"(mean of the first / last {window} steps: {first:.4f} -> {last:.4f}, {summary['relative_change']:+.1%})\n"
+        f"model, card and plots saved to {output_dir} in {format_duration(summary['elapsed_seconds'])}",
+        file=sys.stdout,
+        flush=True,
+    )
+
+
+__all__ = ["run_summary", "card_info", "public_summary", "redact_paths", "print_loss_summary", "format_duration"]
