@@ -27,7 +27,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    if partial.is_file():  # some writers (safetensors, tempfile-based ones) create files mode 0600
+        os.chmod(partial, 0o666 & ~UMASK)
     os.replace(partial, path)
+
+
+def _read_umask() -> int:
+    # reading the umask means setting it: done once, at import, before any worker thread exists
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
 
 
 __all__ = ["atomic_path"]

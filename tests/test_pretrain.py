@@ -29,6 +29,7 @@ from histomim.training.common import (
     warmup_cosine,
     weight_decay_groups,
 )
+from histomim.training.arguments import parse_pretrain_arguments, trackers, with_demo_defaults
 from histomim.training.pretrain import PretrainArguments, load_model_config, mask_noise_shape, pretrain
 
 from conftest import tiny_config
@@ -110,13 +111,57 @@ def test_default_command_trains_on_sample_slide_and_saves_a_loadable_model(tiny_
     assert "6 (" in card.text and "Slides: 1" in card.text and "CMU-1-Small-Region" not in card.text
 
 
-def test_report_to_tensorboard_logs_the_training_metrics(tiny_config_dir, tmp_path):
+def test_report_to_tensorboard_logs_the_training_metrics_and_reconstructions(tiny_config_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    pretrain(small_run(tiny_config_dir, tmp_path / "run", max_steps=3, checkpointing_steps=0, report_to="tensorboard"))
+    pretrain(small_run(tiny_config_dir, tmp_path / "run", max_steps=3, checkpointing_steps=0, report_to="tensorboard",
+                       reconstruction_steps=3))  # fmt: skip
     event_files = list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))  # the run and its hparams
-    scalars = {tag for file in event_files for tag in EventAccumulator(str(file)).Reload().Tags()["scalars"]}
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/img_per_s"} <= scalars
+    tags = [EventAccumulator(str(file)).Reload().Tags() for file in event_files]
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/img_per_s"} <= {t for tag in tags for t in tag["scalars"]}
+    assert any(name.startswith("train/reconstruction") for tag in tags for name in tag["images"])
+
+
+def test_report_to_names_unknown_and_missing_trackers():
+    with pytest.raises(ValueError, match="'tensorbored' is not a tracker"):
+        with_demo_defaults(PretrainArguments(report_to="tensorbored"))
+    assert trackers("tensorboard") == ["tensorboard"] and trackers("none") is None and trackers("all") == "all"
+
+
+# -- the demo is explicit; run files ----------------------------------------------------------------------
+
+
+def test_training_flags_without_data_are_an_error_not_a_silent_demo():
+    with pytest.raises(ValueError, match=r"--data is required with --config, --epochs .*--demo"):
+        with_demo_defaults(PretrainArguments(config="histomim-vitl16", epochs=100))
+    with pytest.raises(ValueError, match="not both"):
+        with_demo_defaults(PretrainArguments(data=["tiles/"], demo=True))
+    # no flag at all, or only where outputs go: the demo, with its settings, and recorded as such
+    args = with_demo_defaults(PretrainArguments(output_dir="elsewhere"))
+    assert args.demo and args.max_steps == 150 and args.image_size == 112
+    assert with_demo_defaults(args) == args  # filled once, unchanged after
+
+
+def test_command_line_without_data_exits_with_usage(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--config", "histomim-vitl16", "--epochs", "100"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "--data is required with --config, --epochs" in result.stderr
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_run_files_hold_the_same_keys_as_the_flags(tmp_path, suffix):
+    import yaml
+
+    settings = {"config": "histomim-vitb16", "data": ["tiles/"], "max_steps": 7, "mask_ratio": 0.6, "report_to": "none"}
+    run_file = tmp_path / f"run{suffix}"
+    run_file.write_text(json.dumps(settings) if suffix == ".json" else yaml.safe_dump(settings))
+    args = parse_pretrain_arguments([str(run_file)])
+    assert (args.config, args.data, args.max_steps, args.mask_ratio, args.demo) == (
+        "histomim-vitb16", ["tiles/"], 7, 0.6, False)  # fmt: skip
+    run_file.write_text(json.dumps({**settings, "max_stpes": 3}))
+    run_file = run_file.rename(tmp_path / "typo.json")
+    with pytest.raises(SystemExit):  # an unknown key is refused, not ignored
+        parse_pretrain_arguments([str(run_file)])
 
 
 def test_help_documents_every_flag():
@@ -126,7 +171,7 @@ def test_help_documents_every_flag():
                  "--batch-size", "--base-lr", "--grad-accum", "--mixed-precision", "--max-grad-norm",
                  "--checkpointing-steps", "--resume-from-checkpoint", "--report-to", "--compile", "--seed",
                  "--image-size", "--push-to-hub", "--hub-model-id", "--num-workers", "--float8",
-                 "--augment-on-device"):  # fmt: skip
+                 "--augment-on-device", "--demo", "--public", "--card-list-slides", "--license-name"):  # fmt: skip
         assert flag in result.stdout, flag
     assert "SUPPRESS" not in result.stdout and "None" not in result.stdout
 

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..atomic import atomic_path
 from .slides import Slide, SlideError
 
 if TYPE_CHECKING:
@@ -147,17 +146,15 @@ def save_tissue_overlay(
     Args:
         tiles: optional manifest (columns x, y, level, read_size) whose tiles are drawn as boxes.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
+
+    from ..plotting import new_figure, save_png
 
     png_path = Path(png_path)
     height, width = tissue.mask.shape
     thumbnail = slide.thumbnail(max(width, height))  # (h, w, 3), same grid as the mask
 
-    # Figure + Agg canvas, not pyplot: no global state, safe in worker threads and processes.
-    figure = Figure(figsize=(8, 8 * height / width + 0.6), dpi=100)
-    FigureCanvasAgg(figure)
+    figure = new_figure(figsize=(8, 8 * height / width + 0.6))  # no pyplot: safe in worker threads and processes
     axes = figure.add_subplot()
     axes.imshow(thumbnail)
     if not tissue.is_empty:
@@ -177,6 +174,4 @@ def save_tissue_overlay(
     axes.set_axis_off()
     figure.tight_layout()
 
-    with atomic_path(png_path) as partial:
-        figure.savefig(partial, format="png")
-    return png_path
+    return save_png(figure, png_path)

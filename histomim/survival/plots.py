@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..plotting import pyplot, save_png
+from ..plotting import new_figure, save_png
 from .labels import split_survival
 
 GROUPINGS = {"median": ("low risk", "high risk"), "tertiles": ("low risk", "intermediate risk", "high risk")}
@@ -61,7 +61,8 @@ def plot_risk_groups(
     # the log-rank test needs two groups; a model with (nearly) constant risk may leave only one
     chisq, p_value = compare_survival(y, groups) if len(np.unique(groups)) > 1 else (np.nan, np.nan)
 
-    fig, ax = pyplot().subplots(figsize=(6, 4.5))
+    fig = new_figure(figsize=(6, 4.5))
+    ax = fig.subplots()
     for index, label in enumerate(GROUPINGS[grouping]):
         in_group = groups == index
         if not in_group.any():

@@ -491,15 +491,14 @@ def format_report(report: BenchmarkReport) -> str:
 def save_benchmark_plot(report: BenchmarkReport, path) -> Path:
     """A PNG with one panel per objective: img/s of every row that ran, each bar labelled with its MFU
     and its speed relative to the first transformers row (eager, when eager ran)."""
-    from ..plotting import pyplot, save_png
+    from ..plotting import new_figure, save_png
 
     objectives = list(dict.fromkeys(r.objective for r in report.results))
     if not objectives:
         raise ValueError("the report has no results to plot")
-    plt = pyplot()
     heights = [1 + 0.45 * sum(r.objective == o for r in report.results) for o in objectives]
-    figure, axes = plt.subplots(len(objectives), 1, figsize=(8, sum(heights)), squeeze=False,
-                                gridspec_kw={"height_ratios": heights})  # fmt: skip
+    figure = new_figure(figsize=(8, sum(heights)))
+    axes = figure.subplots(len(objectives), 1, squeeze=False, gridspec_kw={"height_ratios": heights})
     for axis, objective in zip(axes[:, 0], objectives):
         rows = [r for r in report.results if r.objective == objective and r.error is None]
         baseline = next((r.img_per_s for r in rows if r.implementation == "transformers"), None)

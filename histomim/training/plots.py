@@ -1,6 +1,6 @@
 """PNG figures that training runs leave behind: MIM reconstruction grids and loss curves.
 
-Drawn with `histomim.plotting` (matplotlib's Agg backend, imported on first use; atomic PNGs).
+Drawn with `histomim.plotting` (a Figure on an Agg canvas, imported on first use; atomic PNGs).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..plotting import pyplot, save_png
+from ..plotting import new_figure, save_png
 
 
 def to_display(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -38,7 +38,6 @@ def save_reconstruction_grid(
         reconstruction: (B, C, H, W) model output in the same normalized space.
         pixel_mask: (B, 1, H, W) or (B, C, H, W), 1 where the patch was masked.
     """
-    plt = pyplot()
     mask = pixel_mask.detach().float().cpu()
     pixels, reconstruction = pixel_values.detach().float().cpu(), reconstruction.detach().float().cpu()
     columns = {
@@ -49,7 +48,8 @@ def save_reconstruction_grid(
     }
     images = {name: to_display(value, mean, std) for name, value in columns.items()}  # each (B, H, W, C)
     rows = pixels.shape[0]
-    figure, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows), squeeze=False)
+    figure = new_figure(figsize=(2.2 * len(columns), 2.2 * rows))
+    axes = figure.subplots(rows, len(columns), squeeze=False)
     for row in range(rows):
         for col, (name, batch) in enumerate(images.items()):
             axis = axes[row, col]
@@ -82,9 +82,9 @@ def save_loss_curve(
     """Raw loss per step plus a moving average (window ``smoothing``, default ~5% of the run)."""
     if len(steps) != len(losses) or not len(steps):
         raise ValueError(f"need as many steps as losses and at least one of each, got {len(steps)} and {len(losses)}")
-    plt = pyplot()
     steps_a, losses_a = np.asarray(steps), np.asarray(losses, dtype=np.float64)
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = new_figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     axis.plot(steps_a, losses_a, color="tab:blue", alpha=0.35, linewidth=1, label="per step")
     window = smoothing or max(1, len(losses_a) // 20)
     if window > 1 and len(losses_a) > window:
