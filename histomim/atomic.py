@@ -27,9 +27,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    if partial.is_file():  # some writers (safetensors, tempfile-based ones) create files mode 0600
-        os.chmod(partial, 0o666 & ~UMASK)
+    if partial.is_file():
+        give_normal_permissions(partial)
     os.replace(partial, path)
+
+
+def give_normal_permissions(path: str | os.PathLike) -> None:
+    """Mode 0666 less the umask, as ``open`` gives: tempfile-based writers (transformers' safetensors
+    weights among them) leave 0600, which other users of a shared model folder cannot read."""
+    os.chmod(path, 0o666 & ~UMASK)
 
 
 def _read_umask() -> int:
@@ -42,4 +48,4 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_path", "give_normal_permissions"]

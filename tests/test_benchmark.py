@@ -15,11 +15,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flop_model_matches_the_measured_reference_figures():
-    """shared/PERFORMANCE_NOTES.md: transformers' ViT-B/16 MAE ran 3,491 img/s = 200 model TFLOP/s, i.e.
+    """docs/performance.md, "Reference figures": transformers' ViT-B/16 MAE ran 3,491 img/s = 200 model TFLOP/s, i.e.
     57.3 GFLOP per image per step by its count; ours must agree within 5%."""
     config = HistoMIMConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vitb16")
     assert training_flops_per_image(config) == pytest.approx(200e12 / 3491, rel=0.05)
-    # SimMIM ViT-B: 2,540 img/s = 266 TFLOP/s in the issue's table
+    # SimMIM ViT-B: 2,540 img/s = 266 TFLOP/s, the same table
     simmim = HistoMIMConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vitb16-simmim")
     assert training_flops_per_image(simmim) == pytest.approx(266e12 / 2540, rel=0.05)
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from histomim import HistoMIMForPreTraining, HistoMIMModel
+from histomim.atomic import UMASK
 from histomim.hub import check_model_card
 from histomim.training.common import (
     CheckpointError,
@@ -92,6 +93,9 @@ def test_default_command_trains_on_sample_slide_and_saves_a_loadable_model(tiny_
     assert {p.name for p in (output_dir / "reconstructions").iterdir()} == {"step_000003.png", "step_000006.png"}
     with Image.open(output_dir / "reconstruction.png") as grid:
         assert grid.width > 400 and grid.height > 400
+
+    # files are readable like any other the user writes (transformers leaves weights 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in output_dir.iterdir() if p.is_file()} == {oct(0o666 & ~UMASK)}
 
     # the folder is a model: AutoModel gives the trained encoder, the config records the run
     encoder = AutoModel.from_pretrained(output_dir)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, give_normal_permissions
 from ..data.sources import prepare_tiles
 from ..mim import HistoMIMConfig, HistoMIMForPreTraining, image_processor_for
 from ..presets import config_source, preset_names
@@ -436,6 +436,8 @@ def save_outputs(
     from .plots import save_loss_curve
 
     model.save_pretrained(output_dir, state_dict=state_dict)
+    for weights in output_dir.glob("*.safetensors"):
+        give_normal_permissions(weights)
     image_processor_for(model.config).save_pretrained(output_dir)
     save_reconstructions(
         accelerator, model, visual_batch, output_dir / "reconstruction.png", summary["steps"], args.seed
