@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from histomim import HistoMIMModel
+from histomim import HistoMIMModel, image_processor_for
 from histomim.data import read_tile, tile_slides
-from histomim.data.transforms import eval_transform
 from histomim.features import extract_features, load_tile_features
 
 from conftest import tiny_config
@@ -35,7 +34,7 @@ def test_extract_features_writes_one_file_per_slide_matching_the_encoder(tiled, 
 
     # the third tile's feature equals the encoder on that tile, preprocessed the same way
     row = manifest.iloc[2]
-    pixels = eval_transform(64, encoder.config.image_mean, encoder.config.image_std)(read_tile(row))
+    pixels = image_processor_for(encoder.config)(read_tile(row), return_tensors="pt")["pixel_values"][0]
     with torch.no_grad():
         expected = encoder(pixels[None]).pooler_output[0]
     torch.testing.assert_close(features[2], expected, atol=1e-5, rtol=1e-5)
