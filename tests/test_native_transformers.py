@@ -9,9 +9,8 @@ import torch
 from transformers import AttentionInterface, AutoImageProcessor, AutoModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-import histomim
 from histomim import HistoMIMConfig, HistoMIMForImageClassification, HistoMIMForPreTraining, HistoMIMModel
-from histomim.mim import image_processing_histomim, modeling_histomim
+from histomim.mim import modeling_histomim
 from histomim.mim.image_processing_histomim import image_processor_classes, image_processor_for
 
 from conftest import tiny_config
@@ -260,4 +259,3 @@ def test_registration_names_the_backends_installed_here():
     registered = registered if isinstance(registered, dict) else dict(zip(("pil", "torchvision"), registered))
     for backend, processor_class in image_processor_classes().items():
         assert registered[backend] is processor_class
-    assert histomim.image_processor_classes is image_processing_histomim.image_processor_classes
