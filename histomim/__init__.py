@@ -11,6 +11,7 @@ from .mim import (
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
     HistoMIMModel,
+    image_processor_classes,
     image_processor_for,
 )
 
@@ -30,8 +31,7 @@ def _register_auto_classes() -> None:
     AutoModel.register(HistoMIMConfig, HistoMIMModel, exist_ok=True)
     AutoModelForPreTraining.register(HistoMIMConfig, HistoMIMForPreTraining, exist_ok=True)
     AutoModelForImageClassification.register(HistoMIMConfig, HistoMIMForImageClassification, exist_ok=True)
-    processor_class = type(image_processor_for(HistoMIMConfig()))
-    AutoImageProcessor.register(HistoMIMConfig, slow_image_processor_class=processor_class, exist_ok=True)
+    AutoImageProcessor.register(HistoMIMConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
     AutoConfig.register("histofusion", HistoFusionConfig, exist_ok=True)
     AutoModel.register(HistoFusionConfig, HistoFusionForSurvival, exist_ok=True)
 

@@ -118,7 +118,6 @@ def to_vit(model) -> "transformers.ViTModel":  # noqa: F821
     vit = ViTModel(vit_config, add_pooling_layer=False)
     mapped = histomim_encoder_to_hf(encoder.state_dict(), hf_layout(vit.state_dict()), config.num_hidden_layers)
     missing, unexpected = vit.load_state_dict(mapped, strict=False)
-    missing = [k for k in missing if k != "embeddings.mask_token"]
     if missing or unexpected:
         raise RuntimeError(f"to_vit: weight mapping incomplete (missing {missing}, unexpected {unexpected})")
     return vit.eval()

@@ -37,9 +37,11 @@ def extract_features(
 ) -> dict[str, Path]:
     """Embed every tile of a tile manifest (or `tile_slides` output folder) with the encoder's pooled output.
 
-    Tiles are read from the slides on the fly and preprocessed with the encoder's own size and
-    normalization (`eval_transform`). Slides whose feature file exists are skipped unless `overwrite`;
-    each file is written atomically, so an interrupted run never leaves a truncated one.
+    Tiles are read from the slides on the fly and preprocessed by the encoder's image processor
+    (`image_processor_for`: resized to the encoder's size, or `image_size`, and normalized as it was
+    trained): the preprocessing of the model card's `AutoImageProcessor` snippet, so both give the same
+    features. Slides whose feature file exists are skipped unless `overwrite`; each file is written
+    atomically, so an interrupted run never leaves a truncated one.
 
     Returns: {slide_id: feature file path} for every slide in the manifest.
     """
@@ -47,12 +49,13 @@ def extract_features(
     from tqdm.auto import tqdm
 
     from .data.tiles import load_tile_dataset
-    from .data.transforms import eval_transform
+    from .mim.image_processing_histomim import ProcessorTransform, image_processor_for
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = load_encoder(model_or_path, device)
     config = encoder.config
     size = image_size or config.image_size
+    transform = ProcessorTransform(image_processor_for(config, image_size=size))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -63,9 +66,7 @@ def extract_features(
         outputs[slide_id] = target
         if target.exists() and not overwrite:
             continue
-        dataset = load_tile_dataset(
-            rows.reset_index(drop=True), transform=eval_transform(size, config.image_mean, config.image_std)
-        )
+        dataset = load_tile_dataset(rows.reset_index(drop=True), transform=transform)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         features = []
         for batch in loader:

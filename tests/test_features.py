@@ -8,9 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from histomim import HistoMIMModel
+from histomim import HistoMIMModel, image_processor_for
 from histomim.data import read_tile, tile_slides
-from histomim.data.transforms import eval_transform
 from histomim.features import extract_features, load_tile_features
 
 from conftest import tiny_config
@@ -35,7 +34,7 @@ def test_extract_features_writes_one_file_per_slide_matching_the_encoder(tiled, 
 
     # the third tile's feature equals the encoder on that tile, preprocessed the same way
     row = manifest.iloc[2]
-    pixels = eval_transform(64, encoder.config.image_mean, encoder.config.image_std)(read_tile(row))
+    pixels = image_processor_for(encoder.config)(read_tile(row), return_tensors="pt")["pixel_values"][0]
     with torch.no_grad():
         expected = encoder(pixels[None]).pooler_output[0]
     torch.testing.assert_close(features[2], expected, atol=1e-5, rtol=1e-5)
@@ -59,3 +58,36 @@ def test_load_tile_features_formats_and_errors(tmp_path):
         load_tile_features(tmp_path / "c.safetensors")
     with pytest.raises(FileNotFoundError, match="tile_slides"):
         extract_features(HistoMIMModel(tiny_config()), tmp_path / "nothing", tmp_path / "f")
+
+
+def test_features_of_a_non_square_tile_match_the_model_card_snippet(tiled, tmp_path, monkeypatch):
+    """extract_features and `AutoImageProcessor` + `AutoModel` (the model card) preprocess alike: a wide tile
+    is resized whole, not centre-cropped by one route and squashed by the other."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel
+
+    from histomim.data import tiles
+
+    torch.manual_seed(0)
+    encoder = HistoMIMModel(tiny_config(pooling="mean")).eval()
+    encoder.save_pretrained(tmp_path / "model")
+    image_processor_for(encoder.config).save_pretrained(tmp_path / "model")
+    manifest = pd.read_parquet(tiled / "manifest.parquet").iloc[:3].reset_index(drop=True)
+    read_square = tiles.read_tile
+
+    def read_wide(row):  # 128 x 64 px of real tissue: the tile and its right-hand neighbour's pixels
+        wide = Image.new("RGB", (128, 64))
+        wide.paste(read_square(row), (0, 0))
+        wide.paste(read_square({**row, "x": int(row["x"]) + 64}), (64, 0))
+        return wide
+
+    monkeypatch.setattr(tiles, "read_tile", read_wide)
+    outputs = extract_features(tmp_path / "model", manifest, tmp_path / "features")
+    features = load_tile_features(outputs[manifest.slide_id[0]])
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "model")
+    model = AutoModel.from_pretrained(tmp_path / "model").eval()
+    images = [read_wide(row) for _, row in manifest.iterrows()]
+    with torch.no_grad():
+        expected = model(**processor(images, return_tensors="pt")).pooler_output
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)

@@ -230,7 +230,7 @@ def test_from_vit_mae_matches_transformers(tmp_path, norm_pix_loss):
         for parameter in reference.parameters():
             parameter.normal_(0, 0.1)
     reference.save_pretrained(tmp_path)
-    model = HistoMIMForPreTraining.from_vit_mae(tmp_path).eval()
+    model = from_vit_mae(tmp_path).eval()
     reference.eval()
     pixels, noise = torch.randn(3, 3, 64, 64), torch.rand(3, 16)
     with torch.no_grad():

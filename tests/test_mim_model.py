@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from histomim import HistoMIMForImageClassification, HistoMIMForPreTraining, HistoMIMModel
-from histomim.mim.masking import block_random_mask, random_masking
+from histomim.mim.masking import block_random_mask, random_block_masking, random_masking
 from histomim.mim.modeling_histomim import patchify, sincos_2d_position_embedding, unpatchify
 
 from conftest import tiny_config
@@ -234,3 +234,82 @@ def test_training_on_real_tissue_lowers_the_loss(tissue_tiles, objective):
         optimizer.step()
     after = eval_loss()
     assert after < 0.85 * before, (before, after)
+
+
+# --------------------------------------------------------------------------- masking as configured (issue 16)
+
+
+def test_mae_masks_whole_blocks_of_mask_patch_size():
+    config = tiny_config(mask_patch_size=32, mask_ratio=0.5)  # 64 px: 2 x 2 blocks of 2 x 2 ViT patches
+    model = HistoMIMForPreTraining(config).eval()
+    pixels, noise = torch.randn(3, 3, 64, 64), torch.rand(config.mask_noise_shape(3))
+    assert noise.shape == (3, 4)
+    out = model(pixels, noise=noise, output_hidden_states=True)
+    blocks = out.mask.view(3, 2, 2, 2, 2)  # (B, block row, row in block, block col, col in block)
+    assert torch.all(blocks.amax(dim=(2, 4)) == blocks.amin(dim=(2, 4)))  # each block all masked or all visible
+    assert torch.all(out.mask.sum(dim=1) == 8)
+    # the blocks with the largest noise are masked, and the encoder sees exactly the other patches
+    assert torch.equal(blocks.amax(dim=(2, 4)).flatten(1), (noise > noise.median(dim=1, keepdim=True).values).float())  # median: the lower middle
+    assert out.hidden_states[-1].shape == (3, 1 + 8, 64)
+    # ids_restore puts [visible, masked] back in image order, as MAE's unshuffle
+    ids_shuffle = torch.argsort(out.ids_restore, dim=1)
+    assert torch.equal(torch.gather(out.mask, 1, ids_shuffle)[:, :8], torch.zeros(3, 8))
+    assert torch.equal(model(pixels, noise=noise).loss, out.loss)
+
+
+def test_block_masking_at_patch_size_is_plain_random_masking():
+    noise = torch.rand(2, 24)
+    for got, want in zip(random_block_masking(2, (4, 6), 1, 0.75, noise), random_masking(2, 24, 0.75, noise)):
+        assert torch.equal(got, want)
+    ids_keep, mask, _ = random_block_masking(2, (4, 6), 2, 0.5, torch.rand(2, 6))  # a non-square grid of blocks
+    assert ids_keep.shape == (2, 12) and torch.all(mask.sum(dim=1) == 12)
+    for row in range(2):
+        assert set(ids_keep[row].tolist()) == set(torch.nonzero(mask[row] == 0).flatten().tolist())
+    with pytest.raises(ValueError, match="mask blocks"):
+        random_block_masking(2, (4, 5), 2, 0.5)
+
+
+@pytest.mark.parametrize(
+    "settings, realised",
+    [
+        (dict(objective="simmim", mask_ratio=0.6), 0.5),  # 2 x 2 blocks of 32 px: round(2.4) = 2 masked
+        (dict(objective="mae", mask_ratio=0.6, mask_patch_size=32), 0.75),  # int(4 * 0.4) = 1 block visible
+        (dict(objective="mae", mask_ratio=0.75), 0.75),
+        (dict(objective="mae", mask_ratio=0.6), 10 / 16),  # int(16 * 0.4) = 6 patches visible
+    ],
+)
+def test_realised_mask_ratio_is_what_the_masks_hide(settings, realised):
+    config = tiny_config(**settings)
+    assert config.realised_mask_ratio() == pytest.approx(realised)
+    model = HistoMIMForPreTraining(config).eval()
+    out = model(torch.randn(4, 3, 64, 64))
+    assert torch.allclose(out.mask.mean(dim=1), torch.tensor(realised))
+
+
+def test_reconstruction_title_shows_the_realised_ratio(monkeypatch, tmp_path):
+    from accelerate import Accelerator
+
+    from histomim.training import plots, pretrain
+
+    titles = []
+    monkeypatch.setattr(plots, "save_reconstruction_grid", lambda *args: titles.append(args[-1]))
+    model = HistoMIMForPreTraining(tiny_config(objective="simmim", mask_ratio=0.6))
+    pretrain.save_reconstructions(Accelerator(cpu=True), model, torch.randn(2, 3, 64, 64), tmp_path / "r.png", 3, 0)
+    assert titles == ["SIMMIM, mask ratio 0.5, step 3"]
+
+
+def test_mask_patch_size_follows_the_objective_unless_set(tmp_path):
+    config = tiny_config()  # MAE, 64 px
+    assert config.mask_patch_size == 16 and config.mask_noise_shape(2) == (2, 16)
+    config.objective = "simmim"  # no stale value from construction
+    assert config.mask_patch_size == 32 and config.mask_noise_shape(2) == (2, 4)
+    assert config.to_dict()["mask_patch_size"] is None  # saved as "follows the objective"
+    config.save_pretrained(tmp_path)
+    reloaded = type(config).from_pretrained(tmp_path)
+    reloaded.objective = "mae"
+    assert reloaded.mask_patch_size == 16
+    explicit = tiny_config(objective="simmim", mask_patch_size=16)
+    explicit.objective = "mae"
+    assert explicit.mask_patch_size == 16 and explicit.to_dict()["mask_patch_size"] == 16
+    with pytest.raises(ValueError, match="mask_patch_size"):
+        tiny_config(objective="mae", mask_patch_size=24)

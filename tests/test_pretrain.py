@@ -31,7 +31,7 @@ from histomim.training.common import (
     weight_decay_groups,
 )
 from histomim.training.arguments import parse_pretrain_arguments, trackers, with_demo_defaults
-from histomim.training.pretrain import PretrainArguments, load_model_config, mask_noise_shape, pretrain
+from histomim.training.pretrain import PretrainArguments, load_model_config, pretrain
 
 from conftest import tiny_config
 
@@ -364,8 +364,8 @@ def test_load_model_config_applies_overrides_and_rejects_unknown_configs(tmp_pat
     config = load_model_config(args, tile_mpp=0.25)
     assert (config.hidden_size, config.objective, config.mask_ratio, config.image_size) == (192, "simmim", 0.6, 128)
     assert config.mask_patch_size == 32 and config.target_mpp == 0.25 and config.magnification == 40.0
-    assert mask_noise_shape(config, 4) == (4, 16)  # 4 x 4 blocks of 32 px
-    assert mask_noise_shape(load_model_config(PretrainArguments(image_size=112), None), 2) == (2, 49)
+    assert config.mask_noise_shape(4) == (4, 16)  # 4 x 4 blocks of 32 px
+    assert load_model_config(PretrainArguments(image_size=112), None).mask_noise_shape(2) == (2, 49)
     with pytest.raises(FileNotFoundError, match="histomim-vit-tiny16"):
         load_model_config(PretrainArguments(config=str(tmp_path / "missing-config")), None)
     with pytest.raises(ValueError, match="mask_ratio"):

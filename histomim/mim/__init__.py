@@ -1,7 +1,7 @@
 """The HistoMIM encoder family: configuration, models, masking and the image processor."""
 
 from .configuration_histomim import HistoMIMConfig
-from .image_processing_histomim import image_processor_for
+from .image_processing_histomim import ProcessorTransform, image_processor_classes, image_processor_for
 from .masking import block_random_mask, random_masking
 from .modeling_histomim import (
     HistoMIMForImageClassification,
@@ -19,6 +19,8 @@ __all__ = [
     "HistoMIMForImageClassification",
     "HistoMIMPreTrainedModel",
     "image_processor_for",
+    "image_processor_classes",
+    "ProcessorTransform",
     "random_masking",
     "block_random_mask",
 ]

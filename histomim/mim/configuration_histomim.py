@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .masking import masked_fraction
+
 OBJECTIVES = ("mae", "simmim")
 POOLINGS = ("cls", "mean", "cls+mean")
 POSITION_EMBEDDINGS = ("sincos", "learned")
@@ -32,11 +34,15 @@ class HistoMIMConfig(PretrainedConfig):
     (`"cls"`, `"mean"` over patch tokens, or `"cls+mean"` concatenated).
 
     Objective: `objective` (`"mae"` or `"simmim"`), `mask_ratio` in (0, 1), `mask_patch_size` (the
-    masking granularity; a multiple of `patch_size`, e.g. 32 for SimMIM), MAE decoder sizes and
-    `norm_pix_loss` (per-patch normalized targets).
+    masking granularity, a multiple of `patch_size`; unset, it follows the objective: whole ViT patches
+    for MAE, 32 px blocks for SimMIM), MAE decoder sizes and `norm_pix_loss` (per-patch normalized targets).
+    Both objectives mask whole `mask_patch_size` blocks; `realised_mask_ratio()` is the fraction of the
+    image actually masked, which the block count can round away from `mask_ratio`.
 
-    Histology metadata shown on model cards and used by the image processor: `target_mpp`
-    (microns per pixel of the training tiles), `magnification`, `image_mean`, `image_std`.
+    Histology metadata shown on model cards: `target_mpp` (microns per pixel of the training tiles),
+    `magnification`. The pixel normalization the encoder was trained with, which the image processor
+    applies: `normalization_mean`, `normalization_std` (one value per channel, or one for all; configs
+    saved with the former names `image_mean`/`image_std` load into these).
     """
 
     model_type = "histomim"
@@ -70,10 +76,13 @@ class HistoMIMConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         target_mpp: float | None = 0.5,
         magnification: float | None = 20.0,
-        image_mean: list[float] | tuple[float, ...] = IMAGENET_MEAN,
-        image_std: list[float] | tuple[float, ...] = IMAGENET_STD,
+        normalization_mean: float | list[float] | tuple[float, ...] = IMAGENET_MEAN,
+        normalization_std: float | list[float] | tuple[float, ...] = IMAGENET_STD,
         **kwargs,
     ):
+        # Former names: transformers treats every `*_std` config field as an initialisation scale.
+        normalization_mean = kwargs.pop("image_mean", normalization_mean)
+        normalization_std = kwargs.pop("image_std", normalization_std)
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -92,8 +101,7 @@ class HistoMIMConfig(PretrainedConfig):
         self.pooling = pooling
         self.objective = objective
         self.mask_ratio = mask_ratio
-        # MAE masks whole ViT patches; SimMIM conventionally masks 32 px blocks.
-        self.mask_patch_size = mask_patch_size or (32 if objective == "simmim" and image_size % 32 == 0 else patch_size)
+        self.mask_patch_size = mask_patch_size  # None: derived from the objective (see the property)
         self.decoder_hidden_size = decoder_hidden_size
         self.decoder_num_hidden_layers = decoder_num_hidden_layers
         self.decoder_num_attention_heads = decoder_num_attention_heads
@@ -102,8 +110,8 @@ class HistoMIMConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.target_mpp = target_mpp
         self.magnification = magnification
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
+        self.normalization_mean = per_channel(normalization_mean, num_channels)
+        self.normalization_std = per_channel(normalization_std, num_channels)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self._validate()
@@ -133,8 +141,45 @@ class HistoMIMConfig(PretrainedConfig):
                 raise ValueError(f"{name} ({width}) must be divisible by its number of attention heads ({heads})")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
-        if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
-            raise ValueError(f"image_mean and image_std need num_channels ({self.num_channels}) values each")
+        if len(self.normalization_mean) != self.num_channels or len(self.normalization_std) != self.num_channels:
+            raise ValueError(
+                f"normalization_mean and normalization_std need one value or num_channels ({self.num_channels}) values"
+            )
+        if not all(std > 0 for std in self.normalization_std):
+            raise ValueError(f"normalization_std must be > 0 for every channel (it divides the pixels), got {self.normalization_std}")
+
+    @property
+    def mask_patch_size(self) -> int:
+        """The masking granularity in pixels: as set, else derived from the current objective, so that
+        changing `objective` after construction never leaves a stale value."""
+        if self._mask_patch_size is not None:
+            return self._mask_patch_size
+        # MAE masks whole ViT patches; SimMIM conventionally masks 32 px blocks.
+        if self.objective == "simmim" and self.image_size % 32 == 0 and 32 % self.patch_size == 0:
+            return 32
+        return self.patch_size
+
+    @mask_patch_size.setter
+    def mask_patch_size(self, value: int | None) -> None:
+        self._mask_patch_size = value
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output["mask_patch_size"] = output.pop("_mask_patch_size", None)  # null: follows the objective
+        return output
+
+    def mask_grid_size(self) -> int:
+        """Mask blocks per image side."""
+        return self.image_size // self.mask_patch_size
+
+    def mask_noise_shape(self, batch_size: int) -> tuple[int, int]:
+        """(B, blocks) of the `noise` that fixes a pretraining mask: one value per `mask_patch_size` block."""
+        return batch_size, self.mask_grid_size() ** 2
+
+    def realised_mask_ratio(self) -> float:
+        """The fraction of patches each pretraining mask hides: `mask_ratio` rounded to whole blocks, by each
+        objective's rule (e.g. SimMIM at 64 px with 32 px blocks and ratio 0.6 masks 2 of 4 blocks: 0.5)."""
+        return masked_fraction(self.objective, self.mask_grid_size() ** 2, self.mask_ratio)
 
     @property
     def num_patches(self) -> int:
@@ -148,6 +193,13 @@ class HistoMIMConfig(PretrainedConfig):
     @property
     def pooled_size(self) -> int:
         return 2 * self.hidden_size if self.pooling == "cls+mean" else self.hidden_size
+
+
+def per_channel(value: float | list[float] | tuple[float, ...], num_channels: int) -> list[float]:
+    """A scalar repeated for every channel, or the per-channel values as a list of floats."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * num_channels
+    return [float(v) for v in value]
 
 
 __all__ = ["HistoMIMConfig"]

@@ -11,8 +11,20 @@ import torch
 
 
 def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
-    """Visible patches kept by MAE; `int()` truncation matches facebookresearch/mae and transformers."""
+    """Visible patches (or blocks) kept by MAE; `int()` truncation matches facebookresearch/mae and transformers."""
     return int(num_patches * (1 - mask_ratio))
+
+
+def num_masked_blocks(num_blocks: int, mask_ratio: float) -> int:
+    """Blocks hidden by SimMIM: the nearest whole number, as in the SimMIM mask generator."""
+    return int(round(num_blocks * mask_ratio))
+
+
+def masked_fraction(objective: str, num_blocks: int, mask_ratio: float) -> float:
+    """The fraction of the image a mask of `num_blocks` blocks really hides, by each objective's count rule."""
+    if objective == "mae":
+        return 1 - num_visible_patches(num_blocks, mask_ratio) / num_blocks
+    return num_masked_blocks(num_blocks, mask_ratio) / num_blocks
 
 
 def random_masking(
@@ -48,6 +60,48 @@ def random_masking(
     return ids_keep, mask, ids_restore
 
 
+def random_block_masking(
+    batch_size: int,
+    grid_hw: tuple[int, int],
+    scale: int,
+    mask_ratio: float,
+    noise: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's `random_masking` over blocks of `scale` x `scale` ViT patches (`mask_patch_size` / `patch_size`).
+
+    With `scale == 1` this is `random_masking` itself (same noise, same mask and order). Otherwise the
+    shuffle is drawn over blocks and every block expands to its patches, so whole blocks are hidden.
+
+    Args:
+        grid_hw: ViT patches per side (h, w), both divisible by `scale`.
+        noise: optional (B, h/scale * w/scale) noise over the blocks.
+
+    Returns: ids_keep (B, K), mask (B, h*w) float with 1 = masked, ids_restore (B, h*w), in patch units.
+    """
+    height, width = grid_hw
+    if height % scale or width % scale:
+        raise ValueError(f"a {height}x{width} patch grid cannot be cut into mask blocks of {scale}x{scale} patches")
+    blocks_wide = width // scale
+    num_blocks = (height // scale) * blocks_wide
+    ids_keep, mask, ids_restore = random_masking(batch_size, num_blocks, mask_ratio, noise, device)
+    if scale == 1:
+        return ids_keep, mask, ids_restore
+
+    # 1. the block shuffle (visible blocks first), recovered from its inverse
+    block_shuffle = torch.argsort(ids_restore, dim=1)  # (B, Nb)
+    # 2. each block index -> the indices of its scale x scale patches, in row-major order inside the block
+    offsets = torch.arange(scale, device=mask.device)
+    inside = (offsets[:, None] * width + offsets[None, :]).flatten()  # (s*s,)
+    corner = (block_shuffle // blocks_wide) * scale * width + (block_shuffle % blocks_wide) * scale  # (B, Nb)
+    ids_shuffle = (corner[..., None] + inside).flatten(1)  # (B, Nb*s*s) = (B, L)
+    # 3. the block mask upsampled to patches; the inverse of the patch shuffle restores image order
+    block_mask = mask.view(batch_size, height // scale, blocks_wide)  # (B, h/s, w/s)
+    patch_mask = block_mask.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).flatten(1)  # (B, L)
+    num_keep = ids_keep.shape[1] * scale * scale
+    return ids_shuffle[:, :num_keep], patch_mask, torch.argsort(ids_shuffle, dim=1)
+
+
 def block_random_mask(
     batch_size: int,
     grid_size: int,
@@ -73,7 +127,7 @@ def block_random_mask(
         noise = torch.rand(batch_size, num_blocks, device=device)
     elif noise.shape != (batch_size, num_blocks):
         raise ValueError(f"noise must have shape {(batch_size, num_blocks)}, got {tuple(noise.shape)}")
-    num_masked = int(round(num_blocks * mask_ratio))
+    num_masked = num_masked_blocks(num_blocks, mask_ratio)
 
     # 1. rank blocks by noise; the first `num_masked` are masked (exact count per sample)
     ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)  # (B, G*G)
@@ -83,4 +137,7 @@ def block_random_mask(
     return fine_mask.flatten(1)  # (B, g*g)
 
 
-__all__ = ["num_visible_patches", "random_masking", "block_random_mask"]
+__all__ = [
+    "num_visible_patches", "num_masked_blocks", "masked_fraction", "random_masking", "random_block_masking",
+    "block_random_mask",
+]

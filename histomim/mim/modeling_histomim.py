@@ -10,8 +10,8 @@ Imports of sibling files are relative on purpose: a saved model carries these fi
 
 from __future__ import annotations
 
-import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +22,12 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .configuration_histomim import HistoMIMConfig
-from .masking import block_random_mask, random_masking
+from .masking import block_random_mask, random_block_masking
 
 
 # --------------------------------------------------------------------------- position embeddings
@@ -86,26 +88,50 @@ def unpatchify(patches: torch.Tensor, patch_size: int, image_hw: tuple[int, int]
 # --------------------------------------------------------------------------- building blocks
 
 
-class HistoMIMEmbeddings(nn.Module):
-    """Patch embedding + CLS/register tokens + position embeddings (+ a mask token for SimMIM).
+class HistoMIMPatchEmbeddings(nn.Module):
+    """The p x p / p patch conv, computed as one matmul over flattened patches, optionally of the visible
+    patches only (MAE embeds nothing it then drops).
 
-    Position embeddings cover CLS and patches; register tokens carry none (as in DINOv2 with registers).
+    A module that is called, not a weight read by its parent: its hooks run, so `get_input_embeddings()`
+    (which returns it) works with `enable_input_require_grads()` and accelerate's offloading hooks.
+    The parameters keep `nn.Conv2d`'s layout and names, so checkpoints and the ViT export are unchanged.
     """
 
     def __init__(self, config: HistoMIMConfig):
         super().__init__()
+        self.patch_size = config.patch_size
+        self.weight = nn.Parameter(torch.empty(config.hidden_size, config.num_channels, config.patch_size, config.patch_size))
+        self.bias = nn.Parameter(torch.empty(config.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) pixels, optional (B, K) visible patch indices -> (B, K|L, D) patch embeddings."""
+        patch_pixels = patchify(pixel_values.to(self.weight.dtype), self.patch_size)  # (B, L, p*p*C)
+        if ids_keep is not None:
+            patch_pixels = gather_tokens(patch_pixels, ids_keep)  # (B, K, p*p*C)
+        # the conv weight flattened in patchify's (row, col, channel) order
+        return F.linear(patch_pixels, self.weight.permute(0, 2, 3, 1).flatten(1), self.bias)  # (B, K|L, D)
+
+
+class HistoMIMEmbeddings(nn.Module):
+    """Patch embedding + CLS/register tokens + position embeddings (+ a mask token where one is used).
+
+    Position embeddings cover CLS and patches; register tokens carry none (as in DINOv2 with registers).
+    """
+
+    def __init__(self, config: HistoMIMConfig, use_mask_token: bool = False):
+        super().__init__()
         self.config = config
         self.patch_size = config.patch_size
-        self.patch_embed = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size, config.patch_size)
+        self.patch_embed = HistoMIMPatchEmbeddings(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, config.num_register_tokens, config.hidden_size))
             if config.num_register_tokens
             else None
         )
-        # SimMIM replaces masked patch embeddings by a learned token; MAE drops them instead,
-        # so an MAE model has no unused parameter (which DistributedDataParallel would reject).
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if config.objective == "simmim" else None
+        # Only SimMIM pretraining replaces masked patch embeddings by a learned token (as ViT's `use_mask_token`);
+        # any other model would carry an unused parameter, which DistributedDataParallel rejects.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
         self.position_embeddings = nn.Parameter(
             torch.zeros(1, 1 + config.num_patches, config.hidden_size),
             requires_grad=config.position_embedding == "learned",
@@ -142,16 +168,12 @@ class HistoMIMEmbeddings(nn.Module):
         position = self.position_embeddings
         patch_position = resize_position_embedding(position[:, 1:], grid_hw) if interpolate_pos_encoding else position[:, 1:]
 
-        weight = self.patch_embed.weight  # (D, C, p, p)
-        patch_pixels = patchify(pixel_values.to(weight.dtype), self.patch_size)  # (B, L, p*p*C)
         if ids_keep is None and bool_masked_pos is not None and self.mask_token is None:
             ids_keep = visible_indices(bool_masked_pos)
+        # MAE: the encoder only sees the visible patches, so only those are embedded
+        patches = self.patch_embed(pixel_values, ids_keep)  # (B, K|L, D)
         if ids_keep is not None:
-            # MAE: the encoder only sees the visible patches, so only those are embedded
-            patch_pixels = gather_tokens(patch_pixels, ids_keep)  # (B, K, p*p*C)
             patch_position = gather_tokens(patch_position.expand(batch, -1, -1), ids_keep)  # (B, K, D)
-        # the 16x16/16 conv as one matmul over flattened patches, in patchify's (row, col, channel) order
-        patches = F.linear(patch_pixels, weight.permute(0, 2, 3, 1).flatten(1), self.patch_embed.bias)  # (B, K|L, D)
 
         if bool_masked_pos is not None and self.mask_token is not None:
             # SimMIM: masked patches become the mask token, before position embeddings are added
@@ -180,26 +202,30 @@ def visible_indices(bool_masked_pos: torch.Tensor) -> torch.Tensor:
 
 
 class HistoMIMAttention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection and SDPA (flash kernels on GPU)."""
+    """Multi-head self-attention with one fused QKV projection, computed by the attention function that
+    `config._attn_implementation` names in transformers' registry (eager, sdpa, flex, flash, ...)."""
+
+    is_causal = False  # read by transformers' attention functions: every token sees every token
 
     def __init__(self, config: HistoMIMConfig, dim: int, num_heads: int):
         super().__init__()
         self.config = config
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scaling = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, D) -> (B, N, D) and, with `output_attentions`, the (B, heads, N, N) attention weights."""
         batch, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
-        if self.config._attn_implementation == "eager":
-            weights = (query @ key.transpose(-2, -1)) * self.head_dim**-0.5  # (B, heads, N, N)
-            context = weights.softmax(dim=-1, dtype=torch.float32).to(query.dtype) @ value
-        else:
-            context = F.scaled_dot_product_attention(query, key, value)  # (B, heads, N, head_dim)
-        return self.proj(context.transpose(1, 2).reshape(batch, length, dim))
+        # fused kernels never materialise the weights, so a call that asks for them computes eagerly
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        context, weights = attention(self, query, key, value, None, dropout=0.0, scaling=self.scaling)
+        return self.proj(context.reshape(batch, length, dim)), weights  # context: (B, N, heads, head_dim)
 
 
 class HistoMIMMLP(nn.Module):
@@ -254,9 +280,11 @@ class HistoMIMBlock(GradientCheckpointingLayer):
         self.ls2 = LayerScale(dim, config.layerscale_init) if use_layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.drop_path(self.ls1(self.attn(self.norm1(hidden_states))))
-        return hidden_states + self.drop_path(self.ls2(self.mlp(self.norm2(hidden_states))))
+    def forward(self, hidden_states: torch.Tensor, output_attentions: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, D) -> (B, N, D), plus the attention weights when asked (else None)."""
+        attended, weights = self.attn(self.norm1(hidden_states), output_attentions)
+        hidden_states = hidden_states + self.drop_path(self.ls1(attended))
+        return hidden_states + self.drop_path(self.ls2(self.mlp(self.norm2(hidden_states)))), weights
 
 
 def make_blocks(config: HistoMIMConfig, depth: int, dim: int, num_heads: int, mlp_dim: int, drop_path_rate: float):
@@ -275,7 +303,18 @@ class HistoMIMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["HistoMIMEmbeddings", "HistoMIMBlock"]
+    # attention goes through transformers' attention-function registry, as in its ViT
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # a pretraining checkpoint's objective head and SimMIM mask token: loading an encoder or a classifier from
+    # one leaves them behind, on purpose (the pretraining model itself has them, so never finds them unexpected)
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^simmim_head\.", r"embeddings\.mask_token$"]
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding (the module every forward calls first on the pixels)."""
+        return self.base_model.embeddings.patch_embed
 
     def _init_weights(self, module: nn.Module) -> None:
         """MAE initialisation: xavier-uniform linears, N(0, 0.02) tokens, fixed sin-cos positions."""
@@ -315,6 +354,9 @@ class HistoMIMForPreTrainingOutput(ModelOutput):
     reconstruction: (B, C, H, W) predicted image in the input's pixel space (visible patches are predicted too).
     mask: (B, L) float, 1 = masked, in image order; `model.unpatchify` turns (B, L, k) patch tensors into images.
     ids_restore: (B, L) MAE's unshuffle permutation (None for SimMIM).
+    hidden_states: with `output_hidden_states`, the encoder's input and every block's output (B, N, D);
+        N counts only the visible tokens for MAE.
+    attentions: with `output_attentions`, the encoder's per-block attention weights (B, heads, N, N).
     """
 
     loss: torch.Tensor | None = None
@@ -323,30 +365,25 @@ class HistoMIMForPreTrainingOutput(ModelOutput):
     mask: torch.Tensor | None = None
     ids_restore: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 # --------------------------------------------------------------------------- the encoder (AutoModel)
 
 
 class HistoMIMModel(HistoMIMPreTrainedModel):
-    """ViT encoder. Sees the whole image unless the caller passes `bool_masked_pos`
-    (SimMIM models replace masked patches by the mask token; MAE models drop them)."""
+    """ViT encoder. Sees the whole image unless the caller passes `bool_masked_pos`: an encoder built with
+    `use_mask_token=True` (SimMIM pretraining's) replaces masked patches by its mask token, any other drops them."""
 
-    # loading the encoder from a pretraining checkpoint leaves its objective head behind, on purpose
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^simmim_head\."]
-
-    def __init__(self, config: HistoMIMConfig):
+    def __init__(self, config: HistoMIMConfig, use_mask_token: bool = False):
         super().__init__(config)
-        self.embeddings = HistoMIMEmbeddings(config)
+        self.embeddings = HistoMIMEmbeddings(config, use_mask_token)
         self.blocks = make_blocks(
             config, config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
             config.intermediate_size, config.drop_path_rate,
         )
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embed
 
     def pool(self, sequence: torch.Tensor) -> torch.Tensor:
         """(B, N, D) normalized tokens -> (B, D) or (B, 2D) per `config.pooling`."""
@@ -360,6 +397,7 @@ class HistoMIMModel(HistoMIMPreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         ids_keep: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         **kwargs,
@@ -367,24 +405,32 @@ class HistoMIMModel(HistoMIMPreTrainedModel):
         r"""
         pixel_values: (B, C, H, W) normalized images.
         bool_masked_pos: optional (B, L) bool, True = masked patch.
-        ids_keep: optional (B, K) indices of visible patches (MAE models); avoids the host sync of deriving
-            them from `bool_masked_pos`.
+        ids_keep: optional (B, K) indices of visible patches (encoders without a mask token); avoids the host
+            sync of deriving them from `bool_masked_pos`.
+        output_attentions: return each block's (B, heads, N, N) attention weights; those blocks then compute
+            attention eagerly, whatever `attn_implementation` says, since fused kernels never form the weights.
         """
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         hidden_states = self.embeddings(pixel_values, bool_masked_pos, ids_keep, interpolate_pos_encoding)  # (B, N, D)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for block in self.blocks:
-            hidden_states = block(hidden_states)
+            # hidden states go in positionally: reentrant checkpointing only tracks gradients through positionals
+            hidden_states, weights = block(hidden_states, output_attentions=output_attentions)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (weights,)
         sequence = self.norm(hidden_states)  # (B, N, D)
         pooled = self.pool(sequence)
 
-        if not return_dict:
-            return tuple(v for v in (sequence, pooled, all_hidden_states) if v is not None)
-        return BaseModelOutputWithPooling(last_hidden_state=sequence, pooler_output=pooled, hidden_states=all_hidden_states)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=sequence, pooler_output=pooled, hidden_states=all_hidden_states, attentions=all_attentions
+        )
+        return output if return_dict else output.to_tuple()
 
 
 # --------------------------------------------------------------------------- MAE decoder
@@ -421,7 +467,7 @@ class HistoMIMDecoder(nn.Module):
         position = self.position_embeddings
         hidden_states = torch.cat([cls + position[:, :1], full + resize_position_embedding(position[:, 1:], grid_hw)], dim=1)
         for block in self.blocks:
-            hidden_states = block(hidden_states)
+            hidden_states, _ = block(hidden_states)
         return self.pred(self.norm(hidden_states))[:, 1:]  # (B, L, p*p*C)
 
 
@@ -431,15 +477,16 @@ class HistoMIMDecoder(nn.Module):
 class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
     """The encoder plus the configured objective.
 
-    - `mae`: random masking (argsort of noise), encoder on visible patches only, decoder with mask tokens,
-      MSE on masked patches, optional per-patch normalized targets.
+    - `mae`: random masking (argsort of noise) of whole `mask_patch_size` blocks (single ViT patches by
+      default), encoder on visible patches only, decoder with mask tokens, MSE on masked patches, optional
+      per-patch normalized targets.
     - `simmim`: block masking at `mask_patch_size`, mask token in the encoder, a linear head predicting
       raw pixels, L1 on masked pixels.
     """
 
     def __init__(self, config: HistoMIMConfig):
         super().__init__(config)
-        self.histomim = HistoMIMModel(config)
+        self.histomim = HistoMIMModel(config, use_mask_token=config.objective == "simmim")
         if config.objective == "mae":
             self.decoder = HistoMIMDecoder(config)
         else:
@@ -460,38 +507,38 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
         noise: torch.Tensor | None = None,
         bool_masked_pos: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> HistoMIMForPreTrainingOutput | tuple:
         r"""
-        noise: optional noise that fixes the mask: (B, L) for MAE, (B, G*G) over the `mask_patch_size`
-            grid for SimMIM. The same noise always gives the same mask.
+        noise: optional noise that fixes the mask, one value per `mask_patch_size` block:
+            `config.mask_noise_shape(B)`. The same noise always gives the same mask.
         bool_masked_pos: optional explicit (B, L) mask (True = masked) instead of sampling one.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self.histomim.embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
         height, width = pixel_values.shape[-2:]
         grid_hw = (height // self.config.patch_size, width // self.config.patch_size)
-        if self.config.objective == "mae":
-            output = self._forward_mae(pixel_values, noise, bool_masked_pos, grid_hw, output_hidden_states, interpolate_pos_encoding)
-        else:
-            output = self._forward_simmim(pixel_values, noise, bool_masked_pos, grid_hw, output_hidden_states, interpolate_pos_encoding)
+        encoder_options = dict(
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        forward = self._forward_mae if self.config.objective == "mae" else self._forward_simmim
+        output = forward(pixel_values, noise, bool_masked_pos, grid_hw, encoder_options)
         return output if return_dict else output.to_tuple()
 
-    def _forward_mae(self, pixel_values, noise, bool_masked_pos, grid_hw, output_hidden_states, interpolate_pos_encoding):
-        batch, num_patches = pixel_values.shape[0], grid_hw[0] * grid_hw[1]
+    def _forward_mae(self, pixel_values, noise, bool_masked_pos, grid_hw, encoder_options):
         if bool_masked_pos is None:
-            ids_keep, mask, ids_restore = random_masking(
-                batch, num_patches, self.config.mask_ratio, noise, device=pixel_values.device
+            ids_keep, mask, ids_restore = random_block_masking(
+                pixel_values.shape[0], grid_hw, self.config.mask_patch_size // self.config.patch_size,
+                self.config.mask_ratio, noise, device=pixel_values.device,
             )
         else:
             ids_keep, mask, ids_restore = visible_indices(bool_masked_pos), bool_masked_pos.float(), None
 
-        encoded = self.histomim(
-            pixel_values, ids_keep=ids_keep, output_hidden_states=output_hidden_states,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-        )
+        encoded = self.histomim(pixel_values, ids_keep=ids_keep, **encoder_options)
         logits = self.decoder(encoded.last_hidden_state, ids_keep, grid_hw).float()  # (B, L, p*p*C)
 
         target = self.patchify(pixel_values.float())  # (B, L, p*p*C)
@@ -505,10 +552,10 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
         loss = (per_patch * mask).sum() / mask.sum()  # masked patches only
         return HistoMIMForPreTrainingOutput(
             loss=loss, logits=logits, reconstruction=self.unpatchify(pixels, pixel_values.shape[-2:]),
-            mask=mask, ids_restore=ids_restore, hidden_states=encoded.hidden_states,
+            mask=mask, ids_restore=ids_restore, hidden_states=encoded.hidden_states, attentions=encoded.attentions,
         )
 
-    def _forward_simmim(self, pixel_values, noise, bool_masked_pos, grid_hw, output_hidden_states, interpolate_pos_encoding):
+    def _forward_simmim(self, pixel_values, noise, bool_masked_pos, grid_hw, encoder_options):
         if bool_masked_pos is None:
             if grid_hw[0] != grid_hw[1]:
                 raise ValueError("SimMIM mask sampling needs square images; pass bool_masked_pos for other shapes")
@@ -516,10 +563,7 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
                 pixel_values.shape[0], grid_hw[0], self.config.mask_patch_size, self.config.patch_size,
                 self.config.mask_ratio, noise, device=pixel_values.device,
             )
-        encoded = self.histomim(
-            pixel_values, bool_masked_pos=bool_masked_pos, output_hidden_states=output_hidden_states,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-        )
+        encoded = self.histomim(pixel_values, bool_masked_pos=bool_masked_pos, **encoder_options)
         patch_tokens = encoded.last_hidden_state[:, self.config.num_prefix_tokens :]  # (B, L, D)
         logits = self.simmim_head(patch_tokens).float()  # (B, L, p*p*C)
 
@@ -530,17 +574,8 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
         loss = (per_pixel * mask.unsqueeze(-1)).sum() / (mask.sum() * self.config.patch_size**2 + 1e-5) / self.config.num_channels
         return HistoMIMForPreTrainingOutput(
             loss=loss, logits=logits, reconstruction=self.unpatchify(logits, pixel_values.shape[-2:]),
-            mask=mask, hidden_states=encoded.hidden_states,
+            mask=mask, hidden_states=encoded.hidden_states, attentions=encoded.attentions,
         )
-
-    @classmethod
-    def from_vit_mae(cls, path_or_model, **config_overrides) -> "HistoMIMForPreTraining":
-        """Initialise from a transformers `ViTMAEForPreTraining` checkpoint directory (or model) for
-        continued, domain-adaptive pretraining from natural-image MAE weights."""
-        # Needs histomim installed, unlike the rest of this file; imported by name so that transformers'
-        # remote-code import scan does not demand histomim where only the saved files exist.
-        export = importlib.import_module("histomim.export")
-        return export.from_vit_mae(path_or_model, **config_overrides)
 
 
 # --------------------------------------------------------------------------- classification
@@ -561,17 +596,21 @@ class HistoMIMForImageClassification(HistoMIMPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.histomim(
-            pixel_values, output_hidden_states=output_hidden_states, interpolate_pos_encoding=interpolate_pos_encoding
+            pixel_values, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
         logits = self.classifier(encoded.pooler_output)  # (B, num_labels)
         loss = self.classification_loss(logits, labels) if labels is not None else None
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=encoded.hidden_states, attentions=encoded.attentions
+        )
         return output if return_dict else output.to_tuple()
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

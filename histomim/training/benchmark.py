@@ -219,11 +219,10 @@ def shared_mask_loss(model, config: HistoMIMConfig, pixels: torch.Tensor, dtype:
     """`model`'s loss on `pixels` for a mask drawn from seed 0 (the same for every variant), without grad."""
     generator = torch.Generator().manual_seed(0)
     batch = pixels.shape[0]
+    noise = torch.rand(config.mask_noise_shape(batch), generator=generator).to(pixels.device)
     if config.objective == "mae":
-        masking = {"noise": torch.rand(batch, config.num_patches, generator=generator).to(pixels.device)}
+        masking = {"noise": noise}
     else:
-        coarse = config.image_size // config.mask_patch_size
-        noise = torch.rand(batch, coarse * coarse, generator=generator).to(pixels.device)
         grid = config.image_size // config.patch_size
         masking = {"bool_masked_pos": block_random_mask(
             batch, grid, config.mask_patch_size, config.patch_size, config.mask_ratio, noise)}

@@ -118,7 +118,6 @@ def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoM
         )
     if args.objective is not None and args.objective != settings.get("objective"):
         settings["objective"] = args.objective
-        settings.pop("mask_patch_size", None)  # the masking granularity follows the objective
     if args.mask_ratio is not None:
         settings["mask_ratio"] = args.mask_ratio
     settings["image_size"] = args.image_size or settings.get("image_size", 224)
@@ -180,12 +179,6 @@ def make_dataloader(dataset, args: PretrainArguments, accelerator) -> torch.util
     )
 
 
-def mask_noise_shape(config: HistoMIMConfig, batch_size: int) -> tuple[int, int]:
-    """(B, cells) of the noise that fixes a mask: ViT patches for MAE, `mask_patch_size` blocks for SimMIM."""
-    cell = config.patch_size if config.objective == "mae" else config.mask_patch_size
-    return batch_size, (config.image_size // cell) ** 2
-
-
 def seed_micro_step(seed: int, micro_step: int, rank: int) -> torch.Generator:
     """Make every random draw of a micro-step a function of ``(seed, micro_step, rank)``.
 
@@ -231,7 +224,7 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     if args.augment_on_device:
         transform = device_augmentation_worker_transform(config.image_size)
     else:
-        transform = pretrain_transform(config.image_size, config.image_mean, config.image_std, seed=args.seed)
+        transform = pretrain_transform(config.image_size, config.normalization_mean, config.normalization_std, seed=args.seed)
     dataset = load_tile_dataset(tiles.source, transform=transform)
     if len(dataset) < args.batch_size * accelerator.num_processes:
         raise ValueError(
@@ -332,7 +325,7 @@ def train_one_epoch(
 
     config = accelerator.unwrap_model(model).config
     device_augmentation = (
-        DeviceAugmentation(config.image_size, config.image_mean, config.image_std) if args.augment_on_device else None
+        DeviceAugmentation(config.image_size, config.normalization_mean, config.normalization_std) if args.augment_on_device else None
     )
     dataset.set_epoch(state.epoch)  # the augmentation; the loader sets its sampler's epoch
     dataloader.set_epoch(state.epoch)
@@ -343,7 +336,7 @@ def train_one_epoch(
         pixel_values = batch["pixel_values"]  # (B, C, H, W)
         with accelerator.accumulate(model):
             generator = seed_micro_step(args.seed, state.micro_step, accelerator.process_index)
-            noise = torch.rand(mask_noise_shape(config, len(pixel_values)), generator=generator)  # (B, cells)
+            noise = torch.rand(config.mask_noise_shape(len(pixel_values)), generator=generator)  # (B, blocks)
             if device_augmentation:  # (B, 3, H, W) uint8 tiles -> augmented, normalised float32
                 device_generator = torch.Generator(pixel_values.device).manual_seed(
                     derive_seed(args.seed, state.micro_step, accelerator.process_index, 2)
@@ -389,7 +382,7 @@ def visualization_batch(source: str, config: HistoMIMConfig) -> torch.Tensor:
     from ..data.tiles import load_tile_dataset
     from ..data.transforms import eval_transform
 
-    tiles = load_tile_dataset(source, transform=eval_transform(config.image_size, config.image_mean, config.image_std))
+    tiles = load_tile_dataset(source, transform=eval_transform(config.image_size, config.normalization_mean, config.normalization_std))
     indices = np.linspace(0, len(tiles) - 1, min(NUM_VISUALIZED, len(tiles))).round().astype(int)
     return torch.stack([tiles[int(i)]["pixel_values"] for i in indices])
 
@@ -401,7 +394,7 @@ def save_reconstructions(accelerator, model, pixel_values: torch.Tensor, path: P
 
     model = accelerator.unwrap_model(model, keep_torch_compile=False)  # no recompilation for this batch
     config = model.config
-    noise = torch.rand(mask_noise_shape(config, len(pixel_values)), generator=seeded_generator(seed, VISUALIZATION_KEY))
+    noise = torch.rand(config.mask_noise_shape(len(pixel_values)), generator=seeded_generator(seed, VISUALIZATION_KEY))
     was_training = model.training
     model.eval()
     with accelerator.autocast():
@@ -409,9 +402,9 @@ def save_reconstructions(accelerator, model, pixel_values: torch.Tensor, path: P
     model.train(was_training)
     values_per_patch = config.patch_size**2 * config.num_channels
     pixel_mask = model.unpatchify(outputs.mask.unsqueeze(-1).expand(-1, -1, values_per_patch))  # (B, C, H, W)
-    title = f"{config.objective.upper()}, mask ratio {config.mask_ratio}, step {step}"
+    title = f"{config.objective.upper()}, mask ratio {config.realised_mask_ratio():.2g}, step {step}"
     return save_reconstruction_grid(
-        pixel_values, outputs.reconstruction, pixel_mask, path, config.image_mean, config.image_std, title
+        pixel_values, outputs.reconstruction, pixel_mask, path, config.normalization_mean, config.normalization_std, title
     )
 
 
@@ -463,4 +456,4 @@ def tracker_config(args: PretrainArguments) -> dict[str, Any]:
 
 
 
-__all__ = ["PretrainArguments", "PretrainResult", "pretrain", "load_model_config", "mask_noise_shape"]
+__all__ = ["PretrainArguments", "PretrainResult", "pretrain", "load_model_config"]
