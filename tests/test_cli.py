@@ -45,3 +45,10 @@ def test_module_entry_point_and_scripts_call_the_same_command():
     # the same parser: identical option text (the usage line differs by the program name)
     assert by_module.stdout.split("options:")[1] == by_script.stdout.split("options:")[1]
     assert by_module.stdout.startswith("usage: histomim tile")
+
+
+def test_accelerate_launch_runs_the_module_entry_point(tmp_path):
+    result = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "1", "-m", "histomim.cli",
+                             "pretrain", "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: histomim pretrain" in result.stdout and "--demo" in result.stdout

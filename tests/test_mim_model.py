@@ -292,10 +292,33 @@ def test_reconstruction_title_shows_the_realised_ratio(monkeypatch, tmp_path):
     from histomim.training import plots, pretrain
 
     titles = []
-    monkeypatch.setattr(plots, "save_reconstruction_grid", lambda *args: titles.append(args[-1]))
+    monkeypatch.setattr(plots, "save_reconstruction_grid", lambda *args, **kwargs: titles.append(args[-1]))
     model = HistoMIMForPreTraining(tiny_config(objective="simmim", mask_ratio=0.6))
     pretrain.save_reconstructions(Accelerator(cpu=True), model, torch.randn(2, 3, 64, 64), tmp_path / "r.png", 3, 0)
-    assert titles == ["SIMMIM, mask ratio 0.5, step 3"]
+    assert titles[0].startswith("SIMMIM, mask ratio 0.5, step 3, loss on these masked patches ")
+
+
+def test_norm_pix_reconstructions_show_the_prediction_without_ground_truth_statistics(monkeypatch, tmp_path, tissue_tiles):
+    """A decoder that predicts zeros still "reconstructs" patch means once ground-truth statistics are borrowed:
+    the grid must show the raw prediction, say which panels borrow them, and state the loss of those tiles."""
+    from accelerate import Accelerator
+
+    from histomim.training import plots, pretrain
+
+    model = HistoMIMForPreTraining(tiny_config(norm_pix_loss=True)).eval()
+    torch.nn.init.zeros_(model.decoder.pred.weight)
+    torch.nn.init.zeros_(model.decoder.pred.bias)  # the zero-output decoder
+    calls = []
+    real_grid = plots.save_reconstruction_grid
+    monkeypatch.setattr(plots, "save_reconstruction_grid", lambda *a, **k: calls.append((a, k)) or real_grid(*a, **k))
+    path = pretrain.save_reconstructions(Accelerator(cpu=True), model, tissue_tiles[:2], tmp_path / "r.png", 1, 0)
+    args, kwargs = calls[0]
+    prediction = kwargs["normalized_prediction"]
+    assert torch.equal(prediction, torch.zeros_like(prediction))  # what the model said: nothing
+    assert not torch.equal(args[1], torch.zeros_like(args[1]))  # the borrowed-statistics panel is not nothing
+    stated = float(args[-1].rsplit(" ", 1)[1])
+    assert stated == pytest.approx(1.0, abs=0.01)  # zero prediction of unit-variance targets: loss ~1
+    assert path.is_file()
 
 
 def test_mask_patch_size_follows_the_objective_unless_set(tmp_path):

@@ -336,10 +336,14 @@ def test_augment_on_device_on_saved_tiles_trains_and_is_reproducible(sample_slid
     tile_slides([sample_slide_path], tmp_path / "tiles", mpp=1.0, tile_size=64, save_images=True)
     saved = str(tmp_path / "tiles" / "tiles")
     runs = [pretrain(small_run(tiny_config_dir, tmp_path / name, data=[saved], max_steps=3, checkpointing_steps=0,
-                               augment_on_device=on_device))
-            for name, on_device in (("a", True), ("b", True), ("c", False))]  # fmt: skip
+                               augment_on_device=on_device, tile_mpp=tile_mpp))
+            for name, on_device, tile_mpp in (("a", True, None), ("b", True, None), ("c", False, 1.0))]  # fmt: skip
     on_device_a, on_device_b, on_workers = (run.losses for run in runs)
     assert runs[0].summary["data"]["num_tiles"] == 146
+    # saved tiles carry no resolution: unknown unless --tile-mpp says it, never the preset's 0.5
+    assert runs[0].model.config.target_mpp is None and runs[2].model.config.target_mpp == 1.0
+    assert "unknown resolution" in (tmp_path / "a" / "README.md").read_text()
+    assert "1 um/px" in (tmp_path / "c" / "README.md").read_text()
     assert all(math.isfinite(loss) for loss in on_device_a)
     assert on_device_a == on_device_b
     assert on_device_a != on_workers

@@ -73,6 +73,11 @@ class PretrainArguments:
     tile_dir: str | None = HfArg(
         default=None, help="Where slides are tiled, reused when rerun (default: <output-dir>/tiles/<mpp>mpp-<size>px)."
     )
+    tile_mpp: float | None = HfArg(
+        default=None,
+        help="Resolution (um/px) of pre-extracted tiles given as --data (image folder, dataset, parquet), recorded in "
+        "the config and on the card (default: taken from a tile_slides folder, otherwise unknown).",
+    )
     stain: str = HfArg(default="H&E", help="Stain of the training slides, for the model card (default: H&E).")
     epochs: int | None = HfArg(
         default=None, help=f"Passes over the tiles (default: {DEFAULT_EPOCHS}; ignored with --max-steps)."

@@ -30,13 +30,20 @@ def save_reconstruction_grid(
     mean: Sequence[float],
     std: Sequence[float],
     title: str | None = None,
+    normalized_prediction: torch.Tensor | None = None,
 ) -> Path:
     """One row per image: original | masked input | reconstruction | reconstruction with visible patches pasted in.
+
+    With ``normalized_prediction`` (a model trained on per-patch normalized targets, MAE's norm_pix_loss)
+    the reconstruction can only be shown by borrowing each patch's mean and std from the ground truth,
+    which makes it look better than the model is: its columns say so, and the prediction itself is shown
+    first, without any ground-truth statistics.
 
     Args:
         pixel_values: (B, C, H, W) normalized inputs.
         reconstruction: (B, C, H, W) model output in the same normalized space.
         pixel_mask: (B, 1, H, W) or (B, C, H, W), 1 where the patch was masked.
+        normalized_prediction: (B, C, H, W) the raw prediction in per-patch normalized space.
     """
     mask = pixel_mask.detach().float().cpu()
     pixels, reconstruction = pixel_values.detach().float().cpu(), reconstruction.detach().float().cpu()
@@ -46,6 +53,15 @@ def save_reconstruction_grid(
         "reconstruction": reconstruction,
         "reconstruction + visible": pixels * (1 - mask) + reconstruction * mask,
     }
+    if normalized_prediction is not None:
+        prediction = normalized_prediction.detach().float().cpu()
+        columns = {
+            "original": columns["original"],
+            "masked": columns["masked"],
+            "prediction (per-patch\nnormalized, as trained)": prediction,
+            "with ground-truth\npatch mean/std": columns["reconstruction"],
+            "with ground-truth\nmean/std + visible": columns["reconstruction + visible"],
+        }
     images = {name: to_display(value, mean, std) for name, value in columns.items()}  # each (B, H, W, C)
     rows = pixels.shape[0]
     figure = new_figure(figsize=(2.2 * len(columns), 2.2 * rows))

@@ -121,9 +121,10 @@ def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoM
     if args.mask_ratio is not None:
         settings["mask_ratio"] = args.mask_ratio
     settings["image_size"] = args.image_size or settings.get("image_size", 224)
-    if tile_mpp is not None:  # metadata for the card and the users: the resolution the encoder learned
-        settings["target_mpp"] = tile_mpp
-        settings["magnification"] = round(10.0 / tile_mpp, 1)  # 0.5 um/px ~ 20x
+    # metadata for the card and the users: the resolution the encoder learned, known from the tiling or
+    # --tile-mpp; a preset's value is what it was designed for, not what these tiles are
+    settings["target_mpp"] = tile_mpp
+    settings["magnification"] = round(10.0 / tile_mpp, 1) if tile_mpp else None  # 0.5 um/px ~ 20x
     return HistoMIMConfig.from_dict(settings)
 
 
@@ -219,6 +220,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     # 1. data: tiles of the slides (or the given tile source), augmented per (seed, epoch, index)
     image_size = args.image_size or load_model_config(args, None).image_size
     tiles = prepare_tiles(training_inputs(args, accelerator), tile_dir(args, image_size), args.mpp, image_size, accelerator)
+    if tiles.mpp is None:  # pre-extracted tiles: only the user knows their resolution
+        tiles.mpp = args.tile_mpp
     config = load_model_config(args, tiles.mpp)
     # with --augment-on-device the workers only decode; the loop augments whole batches on the device
     if args.augment_on_device:
@@ -402,9 +405,13 @@ def save_reconstructions(accelerator, model, pixel_values: torch.Tensor, path: P
     model.train(was_training)
     values_per_patch = config.patch_size**2 * config.num_channels
     pixel_mask = model.unpatchify(outputs.mask.unsqueeze(-1).expand(-1, -1, values_per_patch))  # (B, C, H, W)
-    title = f"{config.objective.upper()}, mask ratio {config.realised_mask_ratio():.2g}, step {step}"
+    # the figure's own error: the masked-patch loss of these tiles, in the space the model is trained in
+    title = (f"{config.objective.upper()}, mask ratio {config.realised_mask_ratio():.2g}, step {step}, "
+             f"loss on these masked patches {float(outputs.loss):.3f}")  # fmt: skip
+    normalized = config.objective == "mae" and config.norm_pix_loss
     return save_reconstruction_grid(
-        pixel_values, outputs.reconstruction, pixel_mask, path, config.normalization_mean, config.normalization_std, title
+        pixel_values, outputs.reconstruction, pixel_mask, path, config.normalization_mean, config.normalization_std,
+        title, normalized_prediction=model.unpatchify(outputs.logits, pixel_values.shape[-2:]) if normalized else None,
     )
 
 
