@@ -68,7 +68,19 @@ def small_run(tiny_config_dir: Path, output_dir: Path, **overrides) -> PretrainA
 # -- the default command -------------------------------------------------------------------------------
 
 
-def test_default_command_trains_on_sample_slide_and_saves_a_loadable_model(tiny_config_dir, tmp_path):
+def test_default_command_is_the_demo_and_its_loss_falls(tmp_path):
+    """`histomim pretrain` exactly as the README runs it (only the output folder moved): the demo."""
+    output_dir = tmp_path / "outputs" / "histomim-tiny-demo"
+    result = subprocess.run(["histomim", "pretrain"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("demo: histomim-vit-tiny16 learns")
+    summary = json.loads((output_dir / "pretrain_summary.json").read_text())
+    assert summary["demo"] and summary["steps"] == 150 and summary["config"]["image_size"] == 112
+    assert summary["last_mean"] < 0.8 * summary["first_mean"], summary["losses"]
+    assert {"README.md", "model.safetensors", "reconstruction.png", "loss_curve.png"} <= {p.name for p in output_dir.iterdir()}
+
+
+def test_demo_with_small_settings_trains_on_sample_slide_and_saves_a_loadable_model(tiny_config_dir, tmp_path):
     output_dir = tmp_path / "demo"
     command = [
         sys.executable, str(SCRIPT), "--demo", "--config", str(tiny_config_dir), "--image-size", "64", "--max-steps", "6",
