@@ -15,8 +15,8 @@ import warnings
 import torch
 
 from histomim.survival import SurvivalEstimator
+from histomim.survival.baselines import baseline_estimators
 from histomim.survival.benchmark import compare_on_cohorts, reference_cohorts
-from histomim.training.survival import baseline_estimators
 
 
 def candidates() -> dict[str, object]:

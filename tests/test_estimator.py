@@ -14,7 +14,7 @@ FAST = dict(epochs=30, random_state=0)
 
 @pytest.fixture(scope="module")
 def cohort():
-    from histomim.training.survival import breast_cancer_study
+    from histomim.survival.study import breast_cancer_study
 
     return breast_cancer_study()
 
@@ -118,7 +118,10 @@ def test_bad_inputs_raise_clear_errors(split):
 
 def test_cross_val_score_and_grid_search_with_sksurv_scorers(cohort):
     from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
-    from sksurv.metrics import as_concordance_index_ipcw_scorer, as_integrated_brier_score_scorer
+    from sksurv.metrics import (
+        as_concordance_index_ipcw_scorer,
+        as_integrated_brier_score_scorer,
+    )
 
     X, y = cohort
     X = X[["age", "size", "er", "grade", "X204540_at", "X221928_at", "X202240_at"]]

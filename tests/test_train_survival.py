@@ -9,14 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from histomim.survival.baselines import CoxnetCV
+from histomim.survival.experiment import SurvivalCVConfig, run_survival_cv
 from histomim.survival.labels import split_survival
-from histomim.training.survival import (
-    CoxnetCV,
-    SurvivalCVConfig,
-    breast_cancer_study,
-    load_study,
-    run_survival_cv,
-)
+from histomim.survival.study import breast_cancer_study, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_survival.py"

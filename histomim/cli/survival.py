@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..training.survival import SurvivalCVConfig, run_survival_cv
+from ..survival.experiment import SurvivalCVConfig, run_survival_cv
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> SurvivalCVConfig:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 MODALITIES = ("genomic", "histology", "radiology")
 FUSIONS = ("concat", "bilinear", "coattention")
@@ -17,6 +18,18 @@ AUTO_MAP = {
     "AutoConfig": "configuration_fusion.HistoFusionConfig",
     "AutoModel": "modeling_fusion.HistoFusionForSurvival",
 }
+
+
+class TileEncoderSpec(SubConfigSpec):
+    """The optional tile-encoder sub-config: resolved through ``AutoConfig`` by its ``model_type`` when set.
+
+    It has no default to diff a saved config against (there is no default tile encoder), so
+    serializing never resolves ``model_type="histomim"``: a tile-feature model's config saves and loads
+    with remote code where histomim is not installed.
+    """
+
+    def default_config_fields(self) -> dict[str, Any]:
+        return {}
 
 
 def _as_size(value: int | Sequence[int], spatial_dims: int) -> list[int]:
@@ -45,14 +58,21 @@ class HistoFusionConfig(PretrainedConfig):
     Histology: `histology_feature_dim` (width of precomputed tile features), `histology_attention_dim`
     (gated-attention MIL width), `histology_max_tiles` (random tile sampling while training). Or
     end to end from tile pixels: `histology_encoder`, a HistoMIM encoder config (dict or
-    `HistoMIMConfig`), whose pooled output width becomes the tile feature width.
+    `HistoMIMConfig`), whose pooled output width becomes the tile feature width. It is a transformers
+    sub-config (`sub_configs`): stored as a nested `HistoMIMConfig` object, saved nested in config.json,
+    and resolved by its `model_type` through `AutoConfig` (so it needs histomim imported, as the
+    end-to-end model does).
 
     Radiology: `radiology_spatial_dims` (2 for slices, 3 for volumes), `radiology_num_channels`,
     `radiology_image_size` (the size images are resampled to, see
-    :func:`~histomim.multimodal.radiology.load_scan`) and `radiology_channels` (CNN stage widths).
+    :func:`~histomim.data.radiology.load_scan`) and `radiology_channels` (CNN stage widths).
     """
 
     model_type = "histofusion"
+    # the tile encoder's config is optional (tile-feature models have none); AutoConfig resolves its model_type
+    sub_configs_defaults = {
+        "histology_encoder": TileEncoderSpec(config_class=AutoConfig, model_type="histomim", optional=True)
+    }
 
     def __init__(
         self,
@@ -98,9 +118,8 @@ class HistoFusionConfig(PretrainedConfig):
         self.genomic_dropout = genomic_dropout
         self.genomic_feature_names = list(genomic_feature_names) if genomic_feature_names is not None else None
         self.genomic_pathways = {str(k): [int(i) for i in v] for k, v in genomic_pathways.items()} if genomic_pathways else None
-        if isinstance(histology_encoder, PretrainedConfig):
-            histology_encoder = histology_encoder.to_dict()
-        self.histology_encoder = dict(histology_encoder) if histology_encoder is not None else None
+        # a dict (config.json) becomes a config object in PretrainedConfig's __post_init__ (sub_configs_defaults)
+        self.histology_encoder = dict(histology_encoder) if isinstance(histology_encoder, Mapping) else histology_encoder
         self.histology_feature_dim = histology_feature_dim
         self.histology_attention_dim = histology_attention_dim
         self.histology_max_tiles = histology_max_tiles

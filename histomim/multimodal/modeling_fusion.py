@@ -95,7 +95,7 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
 
     End-to-end histology (``config.histology_encoder`` set): start the ViT from a pretrained encoder
     with ``model.histology_encoder.encoder.load_state_dict(HistoMIMModel.from_pretrained(path).state_dict())``,
-    then train it through LoRA with ``add_lora(model, target_modules=["qkv"],
+    then train it through LoRA with ``histomim.training.lora.add_lora(model, target_modules=["qkv"],
     trainable_modules=["mil", "genomic_encoder", "fusion", "survival_head"])`` (see :mod:`.mil`).
     """
 
@@ -155,8 +155,7 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
         # Needs histomim installed, unlike the rest of this file; imported by name so that transformers'
         # remote-code import scan does not demand histomim where only the saved files exist.
         mim = importlib.import_module("histomim.mim")
-        settings = {k: v for k, v in config.histology_encoder.items() if k != "model_type"}
-        encoder = mim.HistoMIMModel(mim.HistoMIMConfig(**settings))
+        encoder = mim.HistoMIMModel(config.histology_encoder)
         return TileEncoderMIL(encoder, abmil(encoder.config.pooled_size))
 
     # ------------------------------------------------------------------------------------ inputs

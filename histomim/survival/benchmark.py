@@ -2,7 +2,7 @@
 
 ``run_benchmark`` is what ``scripts/benchmark_survival.py`` calls: SNN + Cox head, SNN + discrete head
 and a nested-CV SNN vs Coxnet and a random survival forest on sksurv's breast-cancer cohort, on the same
-stratified folds (:func:`~histomim.training.survival.cross_validate`); it writes JSON and the markdown
+stratified folds (:func:`~histomim.survival.evaluation.cross_validate`); it writes JSON and the markdown
 report (:func:`benchmark_markdown`, ``docs/survival_benchmark.md``).
 
 ``reference_cohorts`` and ``compare_on_cohorts`` are what ``scripts/select_survival_defaults.py`` calls:
@@ -19,13 +19,15 @@ from time import perf_counter
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, clone
+from sklearn.base import BaseEstimator
 from tqdm.auto import tqdm
 
-from ..training.survival import baseline_estimators, breast_cancer_study, cross_validate, to_json
+from .baselines import baseline_estimators
 from .estimator import SurvivalEstimator
-from .labels import patient_folds, split_survival
+from .evaluation import cross_validate, seeded, to_json, write_text
+from .labels import patient_folds, split_survival, survival_from_arrays
 from .metrics import METRICS
+from .study import breast_cancer_study
 
 # ------------------------------------------------------------------------------------------ defaults selection
 
@@ -38,7 +40,7 @@ def reference_cohorts(
     WHAS500, GBSG2, veterans lung cancer, FLCHAIN (without ``chapter``, the cause of death) and ACTG
     AIDS are each subsampled to ``n_patients`` (veterans has 137; events oversampled to at least
     ``min_event_rate`` where the cohort has fewer) and given ``n_noise`` standard-normal columns, to
-    mimic a gene-expression cohort like :func:`~histomim.training.survival.breast_cancer_study`
+    mimic a gene-expression cohort like :func:`~histomim.survival.study.breast_cancer_study`
     (198 patients, ~84 features of which few matter). Returns ``{name: (X, y)}`` with ``y`` an sksurv
     ``(event, time)`` array.
     """
@@ -63,8 +65,7 @@ def reference_cohorts(
             rng.choice(np.flatnonzero(~event), size - n_events, replace=False),
         ]
         noise = pd.DataFrame(rng.normal(size=(size, n_noise)), columns=[f"noise{i}" for i in range(n_noise)])
-        labels = np.empty(size, dtype=[("event", bool), ("time", float)])
-        labels["event"], labels["time"] = event[rows], time[rows]
+        labels = survival_from_arrays(event[rows], time[rows])
         cohorts[name] = (pd.concat([X.iloc[rows].reset_index(drop=True), noise], axis=1), labels)
     return cohorts
 
@@ -88,7 +89,7 @@ def compare_on_cohorts(
         for name, estimator in tqdm(models.items(), desc=cohort):
             c = []
             for train, test in splits:
-                risk = clone(estimator).fit(X.iloc[train], y[train]).predict(X.iloc[test])
+                risk = seeded(estimator, seed).fit(X.iloc[train], y[train]).predict(X.iloc[test])
                 c.append(concordance_index_censored(event[test], time[test], risk)[0])
             scores.loc[name, cohort] = np.mean(c)
     scores["mean"] = scores.mean(axis=1)
@@ -151,11 +152,9 @@ def run_benchmark(
         "metrics": results.summary(),
         "fold_metrics": results.fold_metrics.to_dict(orient="records"),
     }
-    Path(output_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(output_json).write_text(to_json(report))
+    write_text(output_json, to_json(report))
     if markdown is not None:
-        Path(markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown).write_text(benchmark_markdown(report))
+        write_text(markdown, benchmark_markdown(report))
     print(results.table())
     return report
 

@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted, check_random_state
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..multimodal.heads import BreslowBaseline, discrete_survival_at
+from .curves import BreslowBaseline, discrete_survival_at
 from .labels import bin_index, split_survival, time_bins
 
 
@@ -97,7 +97,7 @@ class SurvivalEstimator(BaseEstimator):
             ``scripts/extract_features.py``, or ``.npy``; read by :func:`histomim.features.load_tile_features`),
             or lists of them (one per slide); a missing value means no slide for that patient.
         radiology_col: column of ``X`` with DICOM/NIfTI paths, loaded with
-            :func:`histomim.multimodal.radiology.load_scan` at ``radiology_size``.
+            :func:`histomim.data.radiology.load_scan` at ``radiology_size``.
         radiology_size: size every scan is resampled to (per spatial axis).
         group_lasso: strength of a group-lasso penalty on the first genomic layer, ``group_lasso *
             sum_j ||W[:, j]||_2`` added to the loss (one group per input feature). Unlike weight decay,
@@ -204,7 +204,7 @@ class SurvivalEstimator(BaseEstimator):
                     bags.append(torch.cat([load_tile_features(f) for f in files]) if files else None)  # (N_i, D)
             inputs["histology"] = bags
         if self.radiology_col is not None:
-            from ..multimodal.radiology import load_scan
+            from ..data.radiology import load_scan
 
             scans = []
             for row, cell in frame[self.radiology_col].items():
