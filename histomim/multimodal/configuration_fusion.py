@@ -53,7 +53,9 @@ class HistoFusionConfig(PretrainedConfig):
     before the final `hidden_size` layer), `genomic_dropout` (AlphaDropout), optional
     `genomic_feature_names`, and `genomic_pathways` (`{pathway: [gene column, ...]}`, see
     :func:`~histomim.multimodal.genomic.pathway_assignment`): when set, the genes become one token
-    per pathway, each from its own small SNN.
+    per pathway, each from its own small SNN. `genomic_linear`: add a linear log-hazard term on the raw
+    genomic vector to the head's output (Cox: to the risk; discrete: to every bin's hazard logit), so a
+    linear Cox model lives inside the network (:class:`~histomim.multimodal.heads.LinearRisk`).
 
     Histology: `histology_feature_dim` (width of precomputed tile features), `histology_attention_dim`
     (gated-attention MIL width), `histology_max_tiles` (random tile sampling while training). Or
@@ -92,6 +94,7 @@ class HistoFusionConfig(PretrainedConfig):
         genomic_dropout: float = 0.25,
         genomic_feature_names: Sequence[str] | None = None,
         genomic_pathways: Mapping[str, Sequence[int]] | None = None,
+        genomic_linear: bool = False,
         histology_feature_dim: int | None = None,
         histology_attention_dim: int = 128,
         histology_max_tiles: int | None = None,
@@ -117,6 +120,7 @@ class HistoFusionConfig(PretrainedConfig):
         self.genomic_hidden_sizes = list(genomic_hidden_sizes)
         self.genomic_dropout = genomic_dropout
         self.genomic_feature_names = list(genomic_feature_names) if genomic_feature_names is not None else None
+        self.genomic_linear = bool(genomic_linear)
         self.genomic_pathways = {str(k): [int(i) for i in v] for k, v in genomic_pathways.items()} if genomic_pathways else None
         # a dict (config.json) becomes a config object in PretrainedConfig's __post_init__ (sub_configs_defaults)
         self.histology_encoder = dict(histology_encoder) if isinstance(histology_encoder, Mapping) else histology_encoder
@@ -168,6 +172,8 @@ class HistoFusionConfig(PretrainedConfig):
                     raise ValueError(
                         f"genomic_pathways[{pathway!r}] must list gene columns in [0, {self.genomic_num_features}), got {genes}"
                     )
+        if self.genomic_linear and "genomic" not in self.modalities:
+            raise ValueError(f"genomic_linear needs the 'genomic' modality, got modalities {self.modalities}")
         has_tile_width = bool(self.histology_feature_dim) and self.histology_feature_dim >= 1
         if "histology" in self.modalities and self.histology_encoder is None and not has_tile_width:
             raise ValueError("modality 'histology' needs histology_feature_dim (tile feature width) or histology_encoder")

@@ -26,6 +26,25 @@ class CoxHead(nn.Module):
         return self.linear(self.dropout(x)).squeeze(-1)  # (B, D) -> (B,)
 
 
+class LinearRisk(nn.Linear):
+    """A linear log-hazard term on the raw (standardized) genomic covariates, ``x . beta`` ``(B, G) -> (B,)``,
+    added to the head's output beside the encoders: the model contains an elastic-net-Cox-like linear
+    model, so that the network only has to learn what a linear model misses.
+
+    Zero-initialized: an untrained path leaves the network's predictions unchanged. ``SurvivalEstimator``
+    sets ``beta`` to a Coxnet fit and freezes it.
+    """
+
+    def __init__(self, in_features: int):
+        super().__init__(in_features, 1, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).squeeze(-1)  # (B, G) -> (B,)
+
+
 class DiscreteTimeHead(nn.Module):
     """Discrete-time hazard head: one hazard logit per time bin."""
 
@@ -50,4 +69,4 @@ def discrete_risk(hazards: Tensor) -> Tensor:
     return -hazards_to_survival(hazards).sum(dim=-1)
 
 
-__all__ = ["CoxHead", "DiscreteTimeHead", "discrete_risk", "hazards_to_survival"]
+__all__ = ["CoxHead", "DiscreteTimeHead", "LinearRisk", "discrete_risk", "hazards_to_survival"]

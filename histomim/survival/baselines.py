@@ -72,6 +72,7 @@ class CoxnetCV(BaseEstimator):
         # refit along the path down to the chosen alpha: warm starts keep small alphas numerically stable
         settings = {"l1_ratio": self.l1_ratio, "fit_baseline_model": True}
         self.model_ = CoxnetSurvivalAnalysis(alphas=alphas[: best + 1], **settings).fit(X, y)
+        self.coef_ = self.model_.coef_[:, -1]  # (G,) the path ends at the chosen alpha
         return self
 
     def predict(self, X) -> np.ndarray:
