@@ -309,3 +309,23 @@ def test_saved_model_reloads_through_automodel_with_identical_risks(split, tmp_p
     # the estimator's risk: Cox log hazard ratio, or -sum_k S_k of the discrete curve summed in float64
     risk = output.risk.double() if head == "cox" else -output.survival.double().sum(dim=1)
     np.testing.assert_array_equal(risk.numpy(), model.predict(X_test))
+
+
+def test_a_patient_without_any_tabular_value_is_missing_that_modality_not_imputed(tmp_path, cohort):
+    """Issue 16: all-NaN genomic columns mark the genomic modality absent (masked), like a missing slide."""
+    X, y = cohort
+    X, y = X.iloc[:40][["X204540_at", "X221928_at", "X202240_at"]].copy(), y[:40]
+    X["slides"] = _tile_features(tmp_path, X, np.random.default_rng(0))
+    X.loc[X.index[[2, 5]], ["X204540_at", "X221928_at", "X202240_at"]] = np.nan  # rows 2 and 5 have slides
+    model = SurvivalEstimator(histology_col="slides", linear="both", epochs=3, random_state=0).fit(X, y)
+    inputs = model.model_inputs(X)
+    assert torch.isnan(inputs["genomic"][[2, 5]]).all() and not torch.isnan(inputs["genomic"][[0, 1]]).any()
+    with torch.no_grad():
+        output = model.model_(**inputs)
+    assert output.modality_mask[[2, 5]].tolist() == [[False, True], [False, True]]
+    assert output.modality_mask[[0, 1]].tolist() == [[True, True], [True, True]]
+    # the absent genomics cannot influence these patients: any other missing-value encoding gives the same risk
+    changed = X.copy()
+    changed.loc[changed.index[2], "X204540_at"] = None
+    np.testing.assert_array_equal(model.predict(changed)[[2, 5]], model.predict(X)[[2, 5]])
+    assert np.isfinite(model.predict(X)).all()

@@ -14,6 +14,7 @@ modalities of the fusion model. It plugs into sksurv metrics and sklearn's ``cro
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -233,7 +234,11 @@ class SurvivalEstimator(BaseEstimator):
         tabular = frame.drop(columns=self._path_cols())
         if "genomic" in self.modalities_:
             encoded = self.encoder_.fit_transform(tabular) if fit else self.encoder_.transform(tabular)
-            inputs["genomic"] = torch.as_tensor(np.asarray(encoded, dtype=np.float32))  # (N, G)
+            encoded = np.array(encoded, dtype=np.float32)  # (N, G)
+            # no value in any tabular column: the patient lacks that modality (a NaN row is masked by the
+            # model, like a missing slide), rather than being imputed into an average patient
+            encoded[tabular.isna().all(axis=1).to_numpy()] = np.nan
+            inputs["genomic"] = torch.from_numpy(encoded)
         if self.histology_col is not None:
             from ..features import load_tile_features
 
@@ -398,8 +403,12 @@ class SurvivalEstimator(BaseEstimator):
         self.modalities_ = self._modalities(frame)
         if self.linear not in ("auto", "none") and "genomic" not in self.modalities_:
             raise ValueError(f"linear={self.linear!r} needs tabular columns in X; use linear='none'")
-        # one seed for everything below: inner folds, Coxnet's alpha search, init, dropout, shuffling
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        # one seed for everything below: inner folds, Coxnet's alpha search, init, dropout, shuffling. An int is
+        # used as is, so the linear path's Coxnet is the very fit of CoxnetCV(random_state=<that int>)
+        if isinstance(self.random_state, numbers.Integral):
+            seed = int(self.random_state)
+        else:
+            seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
         self.linear_ = self.linear
         if self.linear == "auto":
@@ -408,7 +417,7 @@ class SurvivalEstimator(BaseEstimator):
         if self.head == "discrete":
             self.bin_edges_ = time_bins(time, event, self.num_bins)
         inputs = self._load_inputs(frame, fit=True)
-        linear_coef = self._fit_linear(inputs, y, seed) if self.linear_ != "none" else None
+        linear_coef = self._fit_linear(frame, y, seed) if self.linear_ != "none" else None
 
         generator = torch.Generator().manual_seed(seed)
         # a private RNG stream: reproducible init and dropout without touching the caller's global RNG
@@ -428,12 +437,13 @@ class SurvivalEstimator(BaseEstimator):
             self.baseline_ = BreslowBaseline().fit(self._forward(inputs)[0], time, event)
         return self
 
-    def _fit_linear(self, inputs: dict[str, object], y: np.ndarray, seed: int) -> np.ndarray:
+    def _fit_linear(self, frame: pd.DataFrame, y: np.ndarray, seed: int) -> np.ndarray:
         """Coefficients ``(G,)`` of an elastic-net Cox on the encoded tabular covariates, alpha by inner CV."""
         from .baselines import CoxnetCV
 
-        genomic = inputs["genomic"].double().numpy()  # (N, G), the model's own standardized input
-        self.linear_model_ = CoxnetCV(l1_ratio=self.linear_l1_ratio, random_state=seed % (2**31)).fit(genomic, y)
+        # (N, G) the model's standardized input, in float64 as sksurv's own pipeline sees it
+        genomic = np.asarray(self.encoder_.transform(frame.drop(columns=self._path_cols())), dtype=float)
+        self.linear_model_ = CoxnetCV(l1_ratio=self.linear_l1_ratio, random_state=seed).fit(genomic, y)
         return self.linear_model_.coef_
 
     def _select_linear_mode(self, frame: pd.DataFrame, y: np.ndarray, seed: int) -> str:
@@ -447,7 +457,7 @@ class SurvivalEstimator(BaseEstimator):
                 f"linear='auto' needs at least {self.selection_folds} patients with and without an event "
                 "(selection_folds); choose linear= explicitly"
             )
-        folds = StratifiedKFold(self.selection_folds, shuffle=True, random_state=seed % (2**31))
+        folds = StratifiedKFold(self.selection_folds, shuffle=True, random_state=seed)
         scores = {mode: [] for mode in LINEAR_MODES}
         for train, valid in folds.split(frame, event):
             for mode in LINEAR_MODES:

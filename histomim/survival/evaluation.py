@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ class CVResults:
 
     fold_metrics: pd.DataFrame  # one row per (model, fold): metrics and their bootstrap CIs
     predictions: pd.DataFrame  # one row per (model, patient): fold, risk, risk group, time, event
+    saved_models: dict[tuple[str, int], Path] = field(default_factory=dict)  # (model, fold) -> saved folder
 
     def summary(self) -> dict[str, dict[str, dict[str, object]]]:
         """``{model: {metric: {"mean", "std", "folds"}}}`` (std over folds, ddof=1)."""
@@ -79,12 +80,18 @@ def _fit_fold(
     n_bootstrap: int,
     seed: int,
     device,
+    model_dir: Path | None = None,
 ) -> dict[str, object]:
-    """Fit one model on one fold and score its test patients."""
+    """Fit one model on one fold and score its test patients; models that can be saved
+    (``save_pretrained``) are written to ``model_dir/<model>/fold_<k>`` when it is given."""
     model = seeded(estimator, seed)
     if device is not None and "device" in model.get_params():
         model.set_params(device=device)
     model.fit(X.iloc[train], y[train])
+    saved = None
+    if model_dir is not None and hasattr(model, "save_pretrained"):
+        saved = model_dir / slug(name) / f"fold_{fold}"
+        model.save_pretrained(saved)
     risk = model.predict(X.iloc[test])
     # a fitted GridSearchCV does not forward predict_survival_function; its refitted best model does
     survival = getattr(model, "best_estimator_", model).predict_survival_function(X.iloc[test])
@@ -103,6 +110,8 @@ def _fit_fold(
         "group": groups,
         "metrics": metrics,
         "intervals": intervals,
+        "saved": saved,
+        "linear": getattr(model, "linear_", None),
     }
 
 
@@ -114,19 +123,22 @@ def cross_validate(
     n_bootstrap: int = 200,
     seed: int = 0,
     accelerator=None,
+    model_dir: str | Path | None = None,
 ) -> CVResults:
     """Fit and score every model on every fold (the same folds for all models).
 
     With an ``accelerate.Accelerator`` the (model, fold) fits are split across its processes and
-    gathered, so every process returns the full results.
+    gathered, so every process returns the full results. With ``model_dir``, every fold's fitted
+    ``SurvivalEstimator`` is saved there (``CVResults.saved_models``).
     """
+    model_dir = Path(model_dir) if model_dir is not None else None
     tasks = [(name, fold) for name in models for fold in range(len(folds))]
     device = accelerator.device if accelerator is not None else None
     show = accelerator is None or accelerator.is_main_process
 
     def run(my_tasks):
         return [
-            _fit_fold(name, models[name], X, y, fold, *folds[fold], n_bootstrap, seed, device)
+            _fit_fold(name, models[name], X, y, fold, *folds[fold], n_bootstrap, seed, device, model_dir)
             for name, fold in tqdm(my_tasks, desc="cross-validation", disable=not show or None)
         ]
 
@@ -149,6 +161,8 @@ def cross_validate(
             "events_test": int(event[o["test"]].sum()),
         }
         row.update(o["metrics"])
+        if o["linear"] is not None:
+            row["linear_mode"] = o["linear"]
         for metric, (low, high) in o["intervals"].items():
             row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = low, high
         fold_rows.append(row)
@@ -165,7 +179,8 @@ def cross_validate(
                 }
             )
         )
-    return CVResults(pd.DataFrame(fold_rows), pd.concat(prediction_rows, ignore_index=True))
+    saved = {(o["model"], o["fold"]): o["saved"] for o in outcomes if o["saved"] is not None}
+    return CVResults(pd.DataFrame(fold_rows), pd.concat(prediction_rows, ignore_index=True), saved)
 
 
 def write_results(
@@ -186,7 +201,7 @@ def write_results(
     log_rank = {}
     for model, rows in results.predictions.groupby("model", sort=False):
         y = survival_from_arrays(rows["event"].to_numpy(bool), rows["time"].to_numpy(float))
-        path = output_dir / f"km_{model.replace(' ', '_').replace('+', '')}.png"
+        path = output_dir / f"km_{slug(model)}.png"
         groups = rows["risk_group"].to_numpy()
         log_rank[model] = plot_risk_groups(y, None, path, groups=groups, title=f"{model}: out-of-fold risk groups")
         paths[f"km_{model}"] = path
@@ -195,6 +210,11 @@ def write_results(
     summary = {"metrics": results.summary(), "log_rank": log_rank, "config": dict(config or {})}
     write_text(paths["summary"], to_json(summary))
     return paths
+
+
+def slug(model: str) -> str:
+    """A model's name as a file name: ``"HistoFusion (discrete)"`` -> ``"HistoFusion_(discrete)"``."""
+    return model.replace(" ", "_").replace("+", "")
 
 
 def write_text(path: str | Path, text: str) -> Path:
