@@ -1,7 +1,11 @@
-"""matplotlib for PNG output, the one way histomim draws: a `matplotlib.figure.Figure` on an Agg canvas,
-imported on first use (importing histomim stays light, plotting works on headless machines). No pyplot:
-a user's backend and pyplot's global figure list are left alone, and drawing is safe in worker threads.
-Figures are written atomically (a killed run never leaves half a PNG)."""
+"""matplotlib for PNG output, the one way histomim draws: figures on their own Agg canvas, imported on
+first use (importing histomim stays light, plotting works on headless machines), written atomically
+(a killed run never leaves half a PNG).
+
+``matplotlib.figure.Figure`` + ``FigureCanvasAgg``, never ``matplotlib.use`` or pyplot's figure manager:
+drawing a plot must not switch the backend of the user's notebook or GUI session, and figures that
+pyplot does not track cannot leak or be drawn into by other code; drawing is safe in worker threads.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,12 @@ def new_figure(**figure_kwargs):
     return figure
 
 
+def subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+    """``(figure, axes)`` like ``pyplot.subplots`` (same arguments), on a `new_figure`."""
+    figure = new_figure(**{k: kwargs.pop(k) for k in ("figsize", "dpi", "layout") if k in kwargs})
+    return figure, figure.subplots(nrows, ncols, **kwargs)
+
+
 def save_png(figure, path: str | Path, dpi: int = 100) -> Path:
     """Write `figure` to `path` as PNG, atomically."""
     path = Path(path)
@@ -28,4 +38,4 @@ def save_png(figure, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
-__all__ = ["new_figure", "save_png"]
+__all__ = ["new_figure", "subplots", "save_png"]

@@ -9,12 +9,12 @@ from histomim.survival import SurvivalEstimator
 from histomim.survival.labels import patient_folds, split_survival
 from histomim.survival.metrics import evaluate
 
-FAST = dict(epochs=30, random_state=0)
+FAST = dict(epochs=30, random_state=0, linear="none")  # the network alone: these tests check it learns
 
 
 @pytest.fixture(scope="module")
 def cohort():
-    from histomim.training.survival import breast_cancer_study
+    from histomim.survival.study import breast_cancer_study
 
     return breast_cancer_study()
 
@@ -118,7 +118,10 @@ def test_bad_inputs_raise_clear_errors(split):
 
 def test_cross_val_score_and_grid_search_with_sksurv_scorers(cohort):
     from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
-    from sksurv.metrics import as_concordance_index_ipcw_scorer, as_integrated_brier_score_scorer
+    from sksurv.metrics import (
+        as_concordance_index_ipcw_scorer,
+        as_integrated_brier_score_scorer,
+    )
 
     X, y = cohort
     X = X[["age", "size", "er", "grade", "X204540_at", "X221928_at", "X202240_at"]]
@@ -128,7 +131,7 @@ def test_cross_val_score_and_grid_search_with_sksurv_scorers(cohort):
 
     tau = np.quantile(y["time"], 0.7)
     search = GridSearchCV(
-        as_concordance_index_ipcw_scorer(SurvivalEstimator(epochs=15, random_state=0), tau=tau),
+        as_concordance_index_ipcw_scorer(SurvivalEstimator(epochs=15, random_state=0, linear="none"), tau=tau),
         {"estimator__weight_decay": [0.01, 1.0], "estimator__head": ["cox", "discrete"]},
         cv=cv,
     ).fit(X, y)
@@ -196,7 +199,7 @@ def test_histology_and_radiology_columns_feed_the_fusion_model(tmp_path, cohort)
 @pytest.mark.parametrize("head", ["cox", "discrete"])
 def test_seed_ensemble_averages_its_networks(split, head):
     X_train, y_train, X_test, _ = split
-    model = SurvivalEstimator(head=head, n_networks=3, epochs=5, random_state=0).fit(X_train, y_train)
+    model = SurvivalEstimator(head=head, n_networks=3, epochs=5, random_state=0, linear="none").fit(X_train, y_train)
     assert len(model.models_) == 3 and model.model_ is model.models_[0]
     inputs = model._predict_inputs(X_test)
     batch = model._batch(inputs, np.arange(len(X_test)))
@@ -223,7 +226,106 @@ def test_group_lasso_shrinks_the_inputs_of_noise_columns(split):
         weight = model.model_.genomic_encoder.blocks[0][0].weight.detach()
         return dict(zip(model.model_.config.genomic_feature_names, weight.norm(dim=0).tolist()))
 
-    plain = column_norms(SurvivalEstimator(epochs=60, group_lasso=0.0, random_state=0).fit(X, y_train))
-    sparse = column_norms(SurvivalEstimator(epochs=60, group_lasso=0.05, random_state=0).fit(X, y_train))
+    plain = column_norms(SurvivalEstimator(epochs=60, group_lasso=0.0, random_state=0, linear="none").fit(X, y_train))
+    sparse = column_norms(SurvivalEstimator(epochs=60, group_lasso=0.05, random_state=0, linear="none").fit(X, y_train))
     noise = [name for name in plain if name.startswith("noise")]
     assert np.mean([sparse[n] for n in noise]) < 0.3 * np.mean([plain[n] for n in noise])
+
+
+def _simulated(log_hazard, n=300, seed=0):
+    """Five standard-normal covariates, exponential times with the given log hazard, 25% random censoring."""
+    import pandas as pd
+
+    from histomim.survival.labels import survival_from_arrays
+
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame(rng.normal(size=(n, 5)), columns=[f"x{i}" for i in range(5)])
+    time = rng.exponential(size=n) / np.exp(log_hazard(X.to_numpy()))
+    return X, survival_from_arrays(rng.random(n) < 0.75, time)
+
+
+def test_linear_only_is_the_coxnet_linear_predictor_inside_the_model(split):
+    X_train, y_train, X_test, y_test = split
+    model = SurvivalEstimator(head="cox", linear="only", random_state=0).fit(X_train, y_train)
+    assert model.model_.config.genomic_linear and model.loss_history_ == []  # nothing left to train
+    genomic = model.model_inputs(X_test)["genomic"].double().numpy()
+    np.testing.assert_allclose(model.predict(X_test), genomic @ model.linear_model_.coef_, rtol=1e-4, atol=1e-4)
+    assert model.score(X_test, y_test) == pytest.approx(model.linear_model_.score(genomic, y_test), abs=1e-3)
+
+
+@pytest.mark.parametrize("signal", ["linear", "nonlinear"])
+def test_auto_chooses_by_inner_cv_with_the_one_standard_error_rule(signal):
+    log_hazard = (lambda x: 1.5 * x[:, 0] - x[:, 1]) if signal == "linear" else (lambda x: 2.0 * np.abs(x[:, 0]))
+    model = SurvivalEstimator(random_state=0).fit(*_simulated(log_hazard))
+    scores = model.selection_scores_
+    assert set(scores) == {"only", "both", "none"}
+    # the first mode (simplest first) whose inner-CV C is within one SE of the best mode's
+    best = max(scores.values(), key=lambda s: s["mean"])
+    assert model.linear_ == next(m for m in ("only", "both", "none") if scores[m]["mean"] >= best["mean"] - best["se"])
+    if signal == "linear":  # a linear Cox is the right model: nothing more flexible is kept
+        assert model.linear_ == "only" and scores["only"]["mean"] > 0.7
+
+
+def test_same_random_state_gives_bit_identical_predictions_across_processes(split, tmp_path):
+    """Two fresh Python processes fitting the default estimator with random_state=3 predict the same bytes."""
+    import subprocess
+    import sys
+
+    script = f"""
+import numpy as np, torch
+torch.set_num_threads(1)
+from histomim.survival import SurvivalEstimator
+from histomim.survival.labels import patient_folds
+from histomim.survival.study import breast_cancer_study
+X, y = breast_cancer_study()
+train, test = patient_folds(X, labels=y, n_splits=4, seed=0)[0]
+model = SurvivalEstimator(random_state=3).fit(X.iloc[train], y[train])
+np.save(__import__("sys").argv[1], np.r_[model.predict(X.iloc[test]), model.predict_survival_function(X.iloc[test], return_array=True).ravel()])
+"""
+    outputs = []
+    for run in range(2):
+        path = tmp_path / f"run{run}.npy"
+        result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs.append(np.load(path))
+    assert outputs[0].tobytes() == outputs[1].tobytes()
+
+
+@pytest.mark.parametrize("head", ["cox", "discrete"])
+def test_saved_model_reloads_through_automodel_with_identical_risks(split, tmp_path, head):
+    from transformers import AutoModel
+
+    import histomim  # noqa: F401  (registers the fusion model with the Auto classes)
+
+    X_train, y_train, X_test, _ = split
+    model = SurvivalEstimator(head=head, linear="both", epochs=20, random_state=0).fit(X_train, y_train)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert loaded.config.genomic_linear and loaded.config.genomic_feature_names == list(
+        model.encoder_.get_feature_names_out()
+    )
+    with torch.no_grad():
+        output = loaded(**model.model_inputs(X_test))
+    # the estimator's risk: Cox log hazard ratio, or -sum_k S_k of the discrete curve summed in float64
+    risk = output.risk.double() if head == "cox" else -output.survival.double().sum(dim=1)
+    np.testing.assert_array_equal(risk.numpy(), model.predict(X_test))
+
+
+def test_a_patient_without_any_tabular_value_is_missing_that_modality_not_imputed(tmp_path, cohort):
+    """Issue 16: all-NaN genomic columns mark the genomic modality absent (masked), like a missing slide."""
+    X, y = cohort
+    X, y = X.iloc[:40][["X204540_at", "X221928_at", "X202240_at"]].copy(), y[:40]
+    X["slides"] = _tile_features(tmp_path, X, np.random.default_rng(0))
+    X.loc[X.index[[2, 5]], ["X204540_at", "X221928_at", "X202240_at"]] = np.nan  # rows 2 and 5 have slides
+    model = SurvivalEstimator(histology_col="slides", linear="both", epochs=3, random_state=0).fit(X, y)
+    inputs = model.model_inputs(X)
+    assert torch.isnan(inputs["genomic"][[2, 5]]).all() and not torch.isnan(inputs["genomic"][[0, 1]]).any()
+    with torch.no_grad():
+        output = model.model_(**inputs)
+    assert output.modality_mask[[2, 5]].tolist() == [[False, True], [False, True]]
+    assert output.modality_mask[[0, 1]].tolist() == [[True, True], [True, True]]
+    # the absent genomics cannot influence these patients: any other missing-value encoding gives the same risk
+    changed = X.copy()
+    changed.loc[changed.index[2], "X204540_at"] = None
+    np.testing.assert_array_equal(model.predict(changed)[[2, 5]], model.predict(X)[[2, 5]])
+    assert np.isfinite(model.predict(X)).all()

@@ -41,7 +41,7 @@ def cohort() -> dict[str, torch.Tensor]:
     from sksurv.datasets import load_breast_cancer
 
     from histomim.data.samples import sample_slide_path
-    from histomim.multimodal.radiology import load_scan
+    from histomim.data.radiology import load_scan
 
     generator = torch.Generator().manual_seed(0)
     features, _ = load_breast_cancer()
@@ -378,3 +378,22 @@ def test_bad_configs_raise_clear_errors():
         make_config(["radiology"], radiology_spatial_dims=3, radiology_image_size=[64, 64])
     with pytest.raises(ValueError, match="at least two modalities"):
         BilinearFusion(1, 16)
+
+
+def test_shipped_model_files_import_only_torch_transformers_and_the_standard_library(saved_fusion):
+    """The files saved next to the weights are remote code: no numpy, file readers, peft or histomim in them,
+    not even inside functions or try blocks (transformers' import scan skips those, users' environments don't)."""
+    import ast
+    import sys
+
+    folder, _ = saved_fusion
+    allowed = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            assert set(roots) <= allowed, (path.name, roots)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from histomim.multimodal.mil import ABMIL, GatedAttentionPooling, add_lora, sample_tiles
-
 from conftest import colour_features
+
+from histomim.multimodal.mil import ABMIL, GatedAttentionPooling, sample_tiles
+from histomim.training.lora import add_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
@@ -225,3 +225,24 @@ def test_add_lora_rejects_unknown_module_names(lora_setup):
     model, *_ = lora_setup
     with pytest.raises(ValueError, match=r"no modules named \['query'\]"):
         add_lora(model, target_modules=["query"])
+
+
+def test_tile_encoder_is_a_transformers_sub_config(tmp_path):
+    import json
+
+    from transformers import AutoConfig
+
+    from histomim.mim import HistoMIMConfig
+    from histomim.multimodal.configuration_fusion import HistoFusionConfig
+
+    encoder = AutoConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vit-tiny16", num_hidden_layers=2)
+    config = HistoFusionConfig(modalities=["histology"], histology_encoder=encoder.to_dict(), hidden_size=32)
+    assert set(HistoFusionConfig.sub_configs) == {"histology_encoder"}
+    assert isinstance(config.histology_encoder, HistoMIMConfig)  # a dict becomes the sub-config object
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["histology_encoder"]
+    assert saved["model_type"] == "histomim" and saved["num_hidden_layers"] == 2
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded.histology_encoder, HistoMIMConfig)
+    assert loaded.histology_encoder.to_dict() == config.histology_encoder.to_dict()
+    assert HistoFusionConfig(modalities=["genomic"], genomic_num_features=3).histology_encoder is None

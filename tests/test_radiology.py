@@ -14,9 +14,8 @@ import pydicom.examples
 import pytest
 import torch
 
-from histomim.multimodal.radiology import (
+from histomim.data.radiology import (
     CT_WINDOWS,
-    RadiologyEncoder,
     crop_or_pad,
     load_scan,
     read_dicom,
@@ -24,6 +23,7 @@ from histomim.multimodal.radiology import (
     resample,
     window_intensity,
 )
+from histomim.multimodal.radiology import RadiologyEncoder
 
 
 @pytest.fixture(scope="module")

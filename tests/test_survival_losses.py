@@ -7,15 +7,17 @@ import pytest
 import torch
 
 from histomim.multimodal.heads import (
-    BreslowBaseline,
     CoxHead,
     DiscreteTimeHead,
     discrete_risk,
-    discrete_survival_at,
     hazards_to_survival,
 )
-from histomim.multimodal.losses import cox_partial_likelihood_loss, discrete_time_nll_loss
-from histomim.survival.labels import split_survival
+from histomim.multimodal.losses import (
+    cox_partial_likelihood_loss,
+    discrete_time_nll_loss,
+)
+from histomim.survival.curves import BreslowBaseline, discrete_survival_at
+from histomim.survival.labels import split_survival, survival_from_arrays
 
 # five patients; two events tied at t=2, one censored at t=3
 RISK = torch.tensor([0.3, -0.2, 0.5, 0.1, -0.4], dtype=torch.float64)
@@ -93,7 +95,7 @@ def test_gradient_descent_recovers_sksurv_cox_coefficients(ties):
     # round times to 6-month steps so that ties exist and Breslow and Efron differ
     event, time = split_survival(y)
     time = np.ceil(time / 182.0)
-    y_tied = np.array(list(zip(event, time)), dtype=[("event", bool), ("time", float)])
+    y_tied = survival_from_arrays(event, time)
     reference = CoxPHSurvivalAnalysis(ties=ties).fit(features, y_tied).coef_
 
     x, t, e = torch.from_numpy(features), torch.from_numpy(time), torch.from_numpy(event)

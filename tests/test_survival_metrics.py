@@ -5,7 +5,7 @@ import pytest
 
 from histomim.survival.labels import patient_folds, split_survival
 from histomim.survival.metrics import bootstrap_ci, censor_at, evaluate, evaluation_times
-from histomim.survival.plots import plot_risk_groups, risk_groups
+from histomim.survival.plots import number_at_risk, plot_risk_groups, risk_groups
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,34 @@ def test_km_plot_writes_png_with_logrank_p(tmp_path, fold):
     assert risk_groups(np.array([0.1, 5.0, 9.0]), "median", reference_risk=np.arange(10.0)).tolist() == [0, 1, 1]
     with pytest.raises(ValueError, match="grouping"):
         plot_risk_groups(y_test, oracle, tmp_path / "x.png", grouping="quartiles")
+
+
+def test_number_at_risk_counts_patients_still_followed(fold):
+    y_test = fold["y_test"]
+    _, time = split_survival(y_test)
+    groups = risk_groups(-time, "median")  # shortest times = highest risk
+    table = number_at_risk(y_test, groups, np.array([0.0, np.median(time), time.max() + 1]), ["low", "high"])
+    assert table.loc["low", 0.0] + table.loc["high", 0.0] == len(time)  # everyone is at risk at time 0
+    assert table.loc["low", np.median(time)] > table.loc["high", np.median(time)]  # long-time group still followed
+    assert table.iloc[:, -1].sum() == 0  # nobody is followed past the last time
+
+
+def test_km_plot_leaves_the_matplotlib_backend_and_pyplot_alone(tmp_path, fold):
+    script = f"""
+import sys, matplotlib, numpy as np
+matplotlib.use("svg")  # a user's own backend choice
+from histomim.survival.plots import plot_risk_groups
+from histomim.survival.labels import survival_from_arrays
+rng = np.random.default_rng(0)
+y = survival_from_arrays(rng.random(40) < 0.7, rng.exponential(size=40))
+plot_risk_groups(y, rng.normal(size=40), {str(tmp_path / "km.png")!r})
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+print("OK")
+"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
+    assert (tmp_path / "km.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,14 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from histomim.survival.baselines import CoxnetCV
+from histomim.survival.experiment import SurvivalCVConfig, run_survival_cv
 from histomim.survival.labels import split_survival
-from histomim.training.survival import (
-    CoxnetCV,
-    SurvivalCVConfig,
-    breast_cancer_study,
-    load_study,
-    run_survival_cv,
-)
+from histomim.survival.study import breast_cancer_study, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_survival.py"
@@ -166,6 +162,15 @@ def test_help_documents_every_flag():
         "--head",
         "--compare-baselines",
         "--output-dir",
+        "--pathways",
+        "--linear",
+        "--group-lasso",
+        "--modality-dropout",
+        "--max-tiles",
+        "--save-models",
+        "--refit",
+        "--push-to-hub",
+        "--public",
     ):
         assert flag in result.stdout
 
@@ -190,3 +195,45 @@ def test_coxnet_baseline_picks_alpha_on_training_data_only():
     assert model.alpha_ > 0 and model.score(X_test, y[test]) > 0.55
     functions = model.predict_survival_function(X_test[:5])
     assert len(functions) == 5 and all(np.all(np.diff(f.y) <= 0) for f in functions)
+
+
+def test_saved_fold_models_reload_through_automodel_with_identical_risks(tmp_path, monkeypatch):
+    """`--save-models --refit` writes every fold's model and a refitted one with model cards; a fold model
+    reloaded with AutoModel gives exactly the risks the cross-validation recorded for its test patients."""
+    import torch
+    from transformers import AutoModel
+
+    import histomim  # noqa: F401  (registers the fusion model with the Auto classes)
+    from histomim.cli.survival import parse_args
+    from histomim.survival.experiment import build_estimator
+    from histomim.survival.labels import patient_folds
+
+    pathways = tmp_path / "pathways.csv"
+    pd.DataFrame({"pathway": ["p1", "p1", "p2"], "gene": ["X204540_at", "X221928_at", "X202240_at"]}).to_csv(
+        pathways, index=False
+    )
+    out = tmp_path / "run"
+    config = parse_args(["--folds", "2", "--epochs", "3", "--n-bootstrap", "0", "--head", "cox", "--linear", "both",
+                         "--pathways", str(pathways), "--genomic-cols", "X204540_at", "X221928_at", "X202240_at",
+                         "--save-models", "--refit", "--output-dir", str(out)])  # fmt: skip
+    X, y = breast_cancer_study()
+    config.table = None  # the default study, restricted below to the genes named by the gene-set table
+    X = X[["X204540_at", "X221928_at", "X202240_at"]]
+    from histomim.survival import experiment
+
+    monkeypatch.setattr(experiment, "breast_cancer_study", lambda: (X, y))
+    results = run_survival_cv(config)
+
+    folder = out / "models" / "HistoFusion_(cox)" / "fold_1"
+    card = (folder / "README.md").read_text()
+    assert "Harrell's C" in card and "Fold 2 of 2" in card and "pathway tokens" in card
+    assert (out / "models" / "refit" / "README.md").exists() and (out / "models" / "refit" / "model.safetensors").exists()
+    loaded = AutoModel.from_pretrained(folder)
+    assert loaded.config.genomic_linear and len(loaded.config.genomic_pathways) == 2
+
+    train, test = patient_folds(X, labels=y, n_splits=2, seed=0)[1]
+    refit = build_estimator(config).fit(X.iloc[train], y[train])  # same seed and settings as the fold's fit
+    with torch.no_grad():
+        risk = loaded(**refit.model_inputs(X.iloc[test])).risk.double().numpy()
+    recorded = results.predictions.query("fold == 1")["risk"].to_numpy()
+    np.testing.assert_array_equal(risk, recorded)

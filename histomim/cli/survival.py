@@ -2,7 +2,9 @@
 
     histomim survival --compare-baselines --output-dir outputs/survival
     histomim survival --table study.csv --time-col days --event-col dead --patient-col case_id \
-        --genomic-prefix rna_ --slide-features-col features_path --fusion coattention --head discrete
+        --genomic-prefix rna_ --slide-features-col features_path --fusion coattention --head discrete \
+        --pathways hallmarks.csv --modality-dropout 0.2 --max-tiles 512 --save-models --refit
+    histomim survival ... --refit --push-to-hub org/my-survival-model      # private unless --public
     accelerate launch -m histomim.cli survival ...   # folds spread over the processes
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..training.survival import SurvivalCVConfig, run_survival_cv
+from ..survival.experiment import SurvivalCVConfig, run_survival_cv
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> SurvivalCVConfig:
@@ -32,6 +34,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Surviv
     features.add_argument("--genomic-prefix", help="use every column whose name starts with this prefix as a feature")
     data.add_argument("--slide-features-col", help="column of tile-feature files (.npy/.safetensors, N x D) per slide")
     data.add_argument("--radiology-col", help="column of DICOM/NIfTI scan paths (one per patient)")
+    data.add_argument(
+        "--pathways",
+        help="gene-set CSV/TSV (columns pathway, gene; genes named as the feature columns): one genomic token "
+        "per pathway, each from its own small SNN (co-attention fusion attends over them)",
+    )
 
     model = parser.add_argument_group("model and training")
     model.add_argument(
@@ -45,6 +52,34 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Surviv
         choices=["cox", "discrete"],
         default=defaults.head,
         help="Cox partial likelihood or discrete-time hazards (censored NLL)",
+    )
+    model.add_argument(
+        "--linear",
+        choices=["auto", "only", "both", "none"],
+        default=defaults.linear,
+        help="elastic-net Cox (Coxnet) on the tabular columns inside the model: 'only' = the linear model, "
+        "'both' = the network trained on top of it, 'none' = the network alone, 'auto' = chosen per fit by "
+        "inner CV with the one-standard-error rule (default; never worse than a tuned linear Cox on the "
+        "benchmark cohorts, docs/survival_benchmark.md)",
+    )
+    model.add_argument(
+        "--group-lasso",
+        type=float,
+        default=defaults.group_lasso,
+        help="group-lasso strength on the first genomic layer's input columns (suppresses uninformative "
+        "features; 0 = off)",
+    )
+    model.add_argument(
+        "--modality-dropout",
+        type=float,
+        default=defaults.modality_dropout,
+        help="probability of hiding a present modality of a patient during training (robustness to missing ones)",
+    )
+    model.add_argument(
+        "--max-tiles",
+        type=int,
+        default=defaults.max_tiles,
+        help="tiles sampled per patient and training step from the slide features (default: all)",
     )
     model.add_argument("--folds", type=int, default=defaults.folds, help="number of stratified patient-level folds")
     model.add_argument("--epochs", type=int, default=defaults.epochs, help="fixed number of full-batch epochs per fold")
@@ -73,6 +108,21 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Surviv
         default=defaults.output_dir,
         help="where fold_metrics.csv, predictions.csv, summary.json and km_*.png are written",
     )
+    report.add_argument(
+        "--save-models",
+        action="store_true",
+        help="save every fold's HistoFusionForSurvival (safetensors + config + remote code + model card) to "
+        "OUTPUT_DIR/models/<model>/fold_<k>; reload with transformers.AutoModel.from_pretrained",
+    )
+    report.add_argument(
+        "--refit", action="store_true", help="also fit on all patients and save to OUTPUT_DIR/models/refit with a card"
+    )
+    report.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="upload the refitted model (needs --refit) to this Hub repository, private by default",
+    )
+    report.add_argument("--public", action="store_true", help="with --push-to-hub: create a public repository")
     return SurvivalCVConfig(**vars(parser.parse_args(argv)))
 
 

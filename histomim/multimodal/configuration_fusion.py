@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 MODALITIES = ("genomic", "histology", "radiology")
 FUSIONS = ("concat", "bilinear", "coattention")
@@ -17,6 +18,18 @@ AUTO_MAP = {
     "AutoConfig": "configuration_fusion.HistoFusionConfig",
     "AutoModel": "modeling_fusion.HistoFusionForSurvival",
 }
+
+
+class TileEncoderSpec(SubConfigSpec):
+    """The optional tile-encoder sub-config: resolved through ``AutoConfig`` by its ``model_type`` when set.
+
+    It has no default to diff a saved config against (there is no default tile encoder), so
+    serializing never resolves ``model_type="histomim"``: a tile-feature model's config saves and loads
+    with remote code where histomim is not installed.
+    """
+
+    def default_config_fields(self) -> dict[str, Any]:
+        return {}
 
 
 def _as_size(value: int | Sequence[int], spatial_dims: int) -> list[int]:
@@ -40,19 +53,28 @@ class HistoFusionConfig(PretrainedConfig):
     before the final `hidden_size` layer), `genomic_dropout` (AlphaDropout), optional
     `genomic_feature_names`, and `genomic_pathways` (`{pathway: [gene column, ...]}`, see
     :func:`~histomim.multimodal.genomic.pathway_assignment`): when set, the genes become one token
-    per pathway, each from its own small SNN.
+    per pathway, each from its own small SNN. `genomic_linear`: add a linear log-hazard term on the raw
+    genomic vector to the head's output (Cox: to the risk; discrete: to every bin's hazard logit), so a
+    linear Cox model lives inside the network (:class:`~histomim.multimodal.heads.LinearRisk`).
 
     Histology: `histology_feature_dim` (width of precomputed tile features), `histology_attention_dim`
     (gated-attention MIL width), `histology_max_tiles` (random tile sampling while training). Or
     end to end from tile pixels: `histology_encoder`, a HistoMIM encoder config (dict or
-    `HistoMIMConfig`), whose pooled output width becomes the tile feature width.
+    `HistoMIMConfig`), whose pooled output width becomes the tile feature width. It is a transformers
+    sub-config (`sub_configs`): stored as a nested `HistoMIMConfig` object, saved nested in config.json,
+    and resolved by its `model_type` through `AutoConfig` (so it needs histomim imported, as the
+    end-to-end model does).
 
     Radiology: `radiology_spatial_dims` (2 for slices, 3 for volumes), `radiology_num_channels`,
     `radiology_image_size` (the size images are resampled to, see
-    :func:`~histomim.multimodal.radiology.load_scan`) and `radiology_channels` (CNN stage widths).
+    :func:`~histomim.data.radiology.load_scan`) and `radiology_channels` (CNN stage widths).
     """
 
     model_type = "histofusion"
+    # the tile encoder's config is optional (tile-feature models have none); AutoConfig resolves its model_type
+    sub_configs_defaults = {
+        "histology_encoder": TileEncoderSpec(config_class=AutoConfig, model_type="histomim", optional=True)
+    }
 
     def __init__(
         self,
@@ -72,6 +94,7 @@ class HistoFusionConfig(PretrainedConfig):
         genomic_dropout: float = 0.25,
         genomic_feature_names: Sequence[str] | None = None,
         genomic_pathways: Mapping[str, Sequence[int]] | None = None,
+        genomic_linear: bool = False,
         histology_feature_dim: int | None = None,
         histology_attention_dim: int = 128,
         histology_max_tiles: int | None = None,
@@ -97,10 +120,10 @@ class HistoFusionConfig(PretrainedConfig):
         self.genomic_hidden_sizes = list(genomic_hidden_sizes)
         self.genomic_dropout = genomic_dropout
         self.genomic_feature_names = list(genomic_feature_names) if genomic_feature_names is not None else None
+        self.genomic_linear = bool(genomic_linear)
         self.genomic_pathways = {str(k): [int(i) for i in v] for k, v in genomic_pathways.items()} if genomic_pathways else None
-        if isinstance(histology_encoder, PretrainedConfig):
-            histology_encoder = histology_encoder.to_dict()
-        self.histology_encoder = dict(histology_encoder) if histology_encoder is not None else None
+        # a dict (config.json) becomes a config object in PretrainedConfig's __post_init__ (sub_configs_defaults)
+        self.histology_encoder = dict(histology_encoder) if isinstance(histology_encoder, Mapping) else histology_encoder
         self.histology_feature_dim = histology_feature_dim
         self.histology_attention_dim = histology_attention_dim
         self.histology_max_tiles = histology_max_tiles
@@ -149,6 +172,8 @@ class HistoFusionConfig(PretrainedConfig):
                     raise ValueError(
                         f"genomic_pathways[{pathway!r}] must list gene columns in [0, {self.genomic_num_features}), got {genes}"
                     )
+        if self.genomic_linear and "genomic" not in self.modalities:
+            raise ValueError(f"genomic_linear needs the 'genomic' modality, got modalities {self.modalities}")
         has_tile_width = bool(self.histology_feature_dim) and self.histology_feature_dim >= 1
         if "histology" in self.modalities and self.histology_encoder is None and not has_tile_width:
             raise ValueError("modality 'histology' needs histology_feature_dim (tile feature width) or histology_encoder")

@@ -5,13 +5,12 @@
   ``max_tiles`` tiles per bag while training.
 - :class:`TileEncoderMIL` runs tile pixels ``(B, N, 3, H, W)`` through an image encoder (a
   :class:`~histomim.mim.modeling_histomim.HistoMIMModel`) first, end to end, for bags small enough to
-  backpropagate through; :func:`add_lora` then makes only LoRA adapters (and chosen heads)
+  backpropagate through; :func:`histomim.training.lora.add_lora` then makes only LoRA adapters (and chosen heads)
   trainable with PEFT.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -124,7 +123,7 @@ class TileEncoderMIL(nn.Module):
     ``encoder`` is any module mapping ``pixel_values (T, C, H, W)`` to an output with
     ``pooler_output (T, D)``, e.g. :class:`~histomim.mim.modeling_histomim.HistoMIMModel`. Every
     tile of every bag goes through the encoder with gradients, so keep bags small (or sample them
-    with ``max_tiles``) and train the encoder through LoRA adapters (:func:`add_lora`).
+    with ``max_tiles``) and train the encoder through LoRA adapters (:func:`histomim.training.lora.add_lora`).
     """
 
     def __init__(self, encoder: nn.Module, mil: ABMIL):
@@ -150,43 +149,4 @@ class TileEncoderMIL(nn.Module):
         return self.mil(features, mask)
 
 
-def add_lora(
-    model: nn.Module,
-    r: int = 8,
-    lora_alpha: int = 16,
-    lora_dropout: float = 0.0,
-    target_modules: Sequence[str] = ("qkv",),
-    trainable_modules: Sequence[str] = (),
-) -> "peft.PeftModel":  # noqa: F821 (peft is optional; see below)
-    """Wrap ``model`` with PEFT LoRA adapters on its attention projections.
-
-    Only the adapters and the modules named in ``trainable_modules`` (PEFT ``modules_to_save``,
-    e.g. the MIL aggregator and the survival head) train; every other weight is frozen and left
-    unchanged. Save with ``peft_model.save_pretrained(dir)`` (adapter only, PEFT format), reload
-    with ``PeftModel.from_pretrained(base_model, dir)``, and fold the adapters into the weights
-    with ``peft_model.merge_and_unload()``.
-
-    Args:
-        target_modules: names of the ``nn.Linear`` layers to adapt; in a HistoMIM ViT ``"qkv"``
-            (fused attention input) and ``"proj"`` (attention output).
-    """
-    try:  # inside try: transformers' remote-code import scan skips it, so peft stays optional
-        from peft import LoraConfig, get_peft_model
-    except ImportError as error:
-        raise ImportError("LoRA adapters need peft: pip install peft") from error
-
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    absent = [name for name in (*target_modules, *trainable_modules) if name.rsplit(".", 1)[-1] not in names]
-    if absent:
-        raise ValueError(f"add_lora: the model has no modules named {absent}")
-    config = LoraConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=list(target_modules),
-        modules_to_save=list(trainable_modules) or None,
-    )
-    return get_peft_model(model, config)
-
-
-__all__ = ["ABMIL", "GatedAttentionPooling", "MILOutput", "TileEncoderMIL", "add_lora", "sample_tiles"]
+__all__ = ["ABMIL", "GatedAttentionPooling", "MILOutput", "TileEncoderMIL", "sample_tiles"]

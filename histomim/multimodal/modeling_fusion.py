@@ -29,7 +29,7 @@ from .fusion import (
     drop_modalities,
 )
 from .genomic import PathwayEncoder, SNNEncoder, SNNLinear
-from .heads import CoxHead, DiscreteTimeHead, discrete_risk, hazards_to_survival
+from .heads import CoxHead, DiscreteTimeHead, LinearRisk, discrete_risk, hazards_to_survival
 from .losses import cox_partial_likelihood_loss, discrete_time_nll_loss
 from .mil import ABMIL, TileEncoderMIL
 from .radiology import RadiologyEncoder
@@ -64,7 +64,10 @@ class HistoFusionPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Xavier linears (as in MAE), Kaiming convs, LeCun-normal SNN layers, N(0, 0.02) learned tokens."""
-        if isinstance(module, SNNLinear):
+        if isinstance(module, LinearRisk):
+            # an untrained linear path adds nothing: the model starts as the plain network
+            init.zeros_(module.weight)
+        elif isinstance(module, SNNLinear):
             # SELU self-normalization needs LeCun-normal weights, std = 1/sqrt(fan_in)
             init.normal_(module.weight, std=1.0 / math.sqrt(module.in_features))
             init.zeros_(module.bias)
@@ -95,7 +98,7 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
 
     End-to-end histology (``config.histology_encoder`` set): start the ViT from a pretrained encoder
     with ``model.histology_encoder.encoder.load_state_dict(HistoMIMModel.from_pretrained(path).state_dict())``,
-    then train it through LoRA with ``add_lora(model, target_modules=["qkv"],
+    then train it through LoRA with ``histomim.training.lora.add_lora(model, target_modules=["qkv"],
     trainable_modules=["mil", "genomic_encoder", "fusion", "survival_head"])`` (see :mod:`.mil`).
     """
 
@@ -136,6 +139,8 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
             self.survival_head = CoxHead(hidden, dropout)
         else:
             self.survival_head = DiscreteTimeHead(hidden, config.num_bins, dropout)
+        if config.genomic_linear:
+            self.genomic_linear = LinearRisk(config.genomic_num_features)
         self.post_init()
 
     @staticmethod
@@ -155,8 +160,7 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
         # Needs histomim installed, unlike the rest of this file; imported by name so that transformers'
         # remote-code import scan does not demand histomim where only the saved files exist.
         mim = importlib.import_module("histomim.mim")
-        settings = {k: v for k, v in config.histology_encoder.items() if k != "model_type"}
-        encoder = mim.HistoMIMModel(mim.HistoMIMConfig(**settings))
+        encoder = mim.HistoMIMModel(config.histology_encoder)
         return TileEncoderMIL(encoder, abmil(encoder.config.pooled_size))
 
     # ------------------------------------------------------------------------------------ inputs
@@ -307,12 +311,15 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
             embeddings.append(embedding)
             histology_attention = attention if attention is not None else histology_attention
         fused = self.fusion(embeddings, modality_mask)  # (B, H)
+        linear = self._linear_risk(genomic, modality_mask)  # (B,) or None
 
         logits = hazards = survival = None
         if self.config.head == "cox":
             risk = self.survival_head(fused)  # (B,)
+            risk = risk + linear if linear is not None else risk
         else:
             logits = self.survival_head(fused)  # (B, K)
+            logits = logits + linear[:, None] if linear is not None else logits  # shifts every bin's log-odds
             hazards = torch.sigmoid(logits)
             survival = hazards_to_survival(hazards)
             risk = discrete_risk(hazards)  # (B,)
@@ -329,6 +336,14 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
             histology_attention=histology_attention,
         )
         return output if return_dict else output.to_tuple()
+
+    def _linear_risk(self, genomic: Tensor | None, modality_mask: Tensor) -> Tensor | None:
+        """``x . beta`` of the linear path (B,), zero for patients whose genomics is missing or dropped."""
+        if not self.config.genomic_linear or genomic is None:
+            return None
+        present = modality_mask[:, self.config.modalities.index("genomic")]  # (B,)
+        genomic = torch.where(present[:, None], genomic, torch.zeros_like(genomic))  # NaN rows cannot leak
+        return self.genomic_linear(genomic)
 
     def _loss(
         self, risk: Tensor, logits: Tensor | None, time: Tensor | None, event: Tensor | None, bin_index: Tensor | None

@@ -1,4 +1,7 @@
-"""Survival labels from pandas, losses, sksurv metrics, the sklearn-compatible estimator, plots and the benchmark.
+"""Survival analysis around the fusion model: labels from pandas (labels), studies (study), sksurv metrics,
+survival curves (curves), the sklearn-compatible estimator, sksurv baselines, the cross-validation engine
+(evaluation), the `histomim survival` driver (experiment), plots and the benchmark. Nothing here imports
+`histomim.training`.
 
 ``SurvivalEstimator`` is loaded on first access so that ``import histomim`` stays light.
 """

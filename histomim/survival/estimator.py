@@ -1,8 +1,11 @@
 """``SurvivalEstimator``: a scikit-learn / scikit-survival estimator around :class:`HistoFusionForSurvival`.
 
 By default the columns of ``X`` form one tabular ("genomic") modality: numeric columns are
-median-imputed and standardized, categorical ones one-hot encoded, and a small self-normalizing
-network (SNN) with a Cox or discrete-time head is trained full-batch with AdamW. Columns named by
+median-imputed and standardized, categorical ones one-hot encoded. The model is never worse than a
+linear one by construction: an elastic-net Cox fit on those covariates (Coxnet, alpha by inner CV)
+becomes a frozen linear path inside the fusion model, and internal cross-validation decides whether
+a small self-normalizing network (SNN) with a Cox or discrete-time head, trained full-batch with
+AdamW, is added on top of it, replaces it, or is left out (``linear="auto"``). Columns named by
 ``histology_col`` (tile-feature files) and ``radiology_col`` (DICOM/NIfTI scans) add the other
 modalities of the fusion model. It plugs into sksurv metrics and sklearn's ``cross_val_score`` /
 ``GridSearchCV``: ``fit(X, y)`` takes an sksurv structured array, ``predict`` returns risk scores
@@ -11,19 +14,25 @@ modalities of the fusion model. It plugs into sksurv metrics and sklearn's ``cro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 from sklearn.utils.validation import check_is_fitted, check_random_state
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..multimodal.heads import BreslowBaseline, discrete_survival_at
+from .curves import BreslowBaseline, discrete_survival_at
 from .labels import bin_index, split_survival, time_bins
+
+# How the linear path on the tabular covariates is used, in order of preference under the one-standard-error
+# rule of linear="auto": the elastic-net Cox alone, the Cox plus the network on top, the network alone.
+LINEAR_MODES = ("only", "both", "none")
 
 
 def make_tabular_encoder():
@@ -73,13 +82,24 @@ def _pad_bags(bags: Sequence[Tensor | None], feature_dim: int) -> tuple[Tensor, 
 class SurvivalEstimator(BaseEstimator):
     """Neural survival model with the scikit-survival API.
 
-    The defaults are sized for small cohorts (a few hundred patients, tens to hundreds of features),
-    where overfitting is the main risk: a one-layer SNN (features -> 16 SELU units) whose inputs carry
+    The defaults are sized for small cohorts (a few hundred patients, tens to thousands of features),
+    where overfitting is the main risk. ``linear="auto"`` compares, by ``selection_folds``-fold CV on the
+    training data only, the elastic-net Cox alone (``"only"``), the Cox plus the network trained on top
+    of its frozen linear predictor (``"both"``) and the network alone (``"none"``), and keeps the first of
+    those, in that order, whose mean Harrell's C is within one standard error of the best (the
+    one-standard-error rule: a more flexible model has to earn its place). The network is a one-layer SNN (features -> 16 SELU units) whose inputs carry
     a group-lasso penalty (0.05) that suppresses uninformative features, dropout 0.3, strong decoupled
     weight decay (1.0) and a fixed, short schedule (100 full-batch AdamW steps at lr 1e-2). They were
     chosen on sksurv's WHAS500, GBSG2, veterans, FLCHAIN and AIDS cohorts subsampled to ~200 patients
     with 70 added noise columns (``scripts/select_survival_defaults.py``), not on the breast-cancer
-    benchmark (docs/survival_benchmark.md). Wrap the estimator in ``GridSearchCV`` to tune on your own data.
+    benchmark (docs/survival_benchmark.md); ``linear="auto"`` was chosen by leave-one-cohort-out over
+    public cohorts (``scripts/select_survival_defaults.py``). Wrap the estimator in ``GridSearchCV`` to tune
+    on your own data.
+
+    Reproducibility: with an int ``random_state`` the fit (inner CV folds, Coxnet's alpha search, weight
+    init, dropout, shuffling) is seeded from it and the predictions are bit-identical across runs and
+    processes (same library versions and thread count). The default ``None`` draws a fresh seed per fit,
+    as scikit-learn estimators do; ``histomim``'s CV drivers replace it with their ``seed``.
 
     Args:
         head: ``"discrete"`` (default; it did better than Cox on the selection cohorts) or ``"cox"``
@@ -97,8 +117,17 @@ class SurvivalEstimator(BaseEstimator):
             ``scripts/extract_features.py``, or ``.npy``; read by :func:`histomim.features.load_tile_features`),
             or lists of them (one per slide); a missing value means no slide for that patient.
         radiology_col: column of ``X`` with DICOM/NIfTI paths, loaded with
-            :func:`histomim.multimodal.radiology.load_scan` at ``radiology_size``.
+            :func:`histomim.data.radiology.load_scan` at ``radiology_size``.
         radiology_size: size every scan is resampled to (per spatial axis).
+        linear: ``"auto"`` (default, see above), ``"only"``, ``"both"`` or ``"none"``; any mode but
+            ``"none"`` needs tabular columns. The saved model holds the linear path
+            (``config.genomic_linear``), so it reproduces the estimator's risks on its own.
+        linear_l1_ratio: elastic-net mixing of the linear path's Coxnet (1 = lasso).
+        selection_folds: inner folds of ``linear="auto"``.
+        pathways: ``{pathway: [column, ...]}`` over the encoded tabular columns (one-hot columns are
+            named ``<column>_<level>``): the genes become one token per pathway, each from its own SNN.
+        modality_dropout: probability of hiding a present modality of a patient during training.
+        histology_max_tiles: tiles sampled per patient and step while training (``None`` = all).
         group_lasso: strength of a group-lasso penalty on the first genomic layer, ``group_lasso *
             sum_j ||W[:, j]||_2`` added to the loss (one group per input feature). Unlike weight decay,
             which AdamW applies regardless of the gradient, it keeps a feature's weights near zero unless
@@ -129,6 +158,12 @@ class SurvivalEstimator(BaseEstimator):
         histology_col: str | None = None,
         radiology_col: str | None = None,
         radiology_size: int = 64,
+        linear: str = "auto",
+        linear_l1_ratio: float = 0.5,
+        selection_folds: int = 3,
+        pathways: Mapping[str, Sequence[str]] | None = None,
+        modality_dropout: float = 0.0,
+        histology_max_tiles: int | None = None,
         group_lasso: float = 0.05,
         n_networks: int = 1,
         epochs: int = 100,
@@ -151,6 +186,12 @@ class SurvivalEstimator(BaseEstimator):
         self.histology_col = histology_col
         self.radiology_col = radiology_col
         self.radiology_size = radiology_size
+        self.linear = linear
+        self.linear_l1_ratio = linear_l1_ratio
+        self.selection_folds = selection_folds
+        self.pathways = pathways
+        self.modality_dropout = modality_dropout
+        self.histology_max_tiles = histology_max_tiles
         self.group_lasso = group_lasso
         self.n_networks = n_networks
         self.epochs = epochs
@@ -193,7 +234,11 @@ class SurvivalEstimator(BaseEstimator):
         tabular = frame.drop(columns=self._path_cols())
         if "genomic" in self.modalities_:
             encoded = self.encoder_.fit_transform(tabular) if fit else self.encoder_.transform(tabular)
-            inputs["genomic"] = torch.as_tensor(np.asarray(encoded, dtype=np.float32))  # (N, G)
+            encoded = np.array(encoded, dtype=np.float32)  # (N, G)
+            # no value in any tabular column: the patient lacks that modality (a NaN row is masked by the
+            # model, like a missing slide), rather than being imputed into an average patient
+            encoded[tabular.isna().all(axis=1).to_numpy()] = np.nan
+            inputs["genomic"] = torch.from_numpy(encoded)
         if self.histology_col is not None:
             from ..features import load_tile_features
 
@@ -204,7 +249,7 @@ class SurvivalEstimator(BaseEstimator):
                     bags.append(torch.cat([load_tile_features(f) for f in files]) if files else None)  # (N_i, D)
             inputs["histology"] = bags
         if self.radiology_col is not None:
-            from ..multimodal.radiology import load_scan
+            from ..data.radiology import load_scan
 
             scans = []
             for row, cell in frame[self.radiology_col].items():
@@ -235,17 +280,23 @@ class SurvivalEstimator(BaseEstimator):
 
     # ------------------------------------------------------------------------------------ model
 
-    def _build_model(self, inputs: dict[str, object]):
+    def _build_model(self, inputs: dict[str, object], linear_coef: np.ndarray | None):
+        """A fresh fusion model; with ``linear_coef`` its linear path holds those (frozen) coefficients, and
+        for ``linear_="only"`` the head ignores the fused embedding (zero, frozen weights)."""
         from ..multimodal.configuration_fusion import HistoFusionConfig
+        from ..multimodal.genomic import pathway_assignment
         from ..multimodal.modeling_fusion import HistoFusionForSurvival
 
         settings = {}
         if "genomic" in inputs:
+            names = [str(n) for n in self.encoder_.get_feature_names_out()]
             settings.update(
                 genomic_num_features=inputs["genomic"].shape[1],
                 genomic_hidden_sizes=list(self.genomic_hidden_sizes),
                 genomic_dropout=self.genomic_dropout,
-                genomic_feature_names=[str(n) for n in self.encoder_.get_feature_names_out()],
+                genomic_feature_names=names,
+                genomic_pathways=pathway_assignment(names, self.pathways) if self.pathways else None,
+                genomic_linear=linear_coef is not None,
             )
         if "histology" in inputs:
             dims = {b.shape[1] for b in inputs["histology"] if b is not None}
@@ -274,9 +325,30 @@ class SurvivalEstimator(BaseEstimator):
             num_attention_heads=1,  # co-attention over a small hidden_size: one head keeps every head wide enough
             cox_ties=self.cox_ties,
             discrete_loss_alpha=self.discrete_loss_alpha,
+            modality_dropout=self.modality_dropout,
+            histology_max_tiles=self.histology_max_tiles,
             **settings,
         )
-        return HistoFusionForSurvival(config).to(self.device)
+        model = HistoFusionForSurvival(config)
+        if linear_coef is not None:
+            with torch.no_grad():
+                model.genomic_linear.weight.copy_(torch.as_tensor(linear_coef, dtype=torch.float32)[None])
+            model.genomic_linear.requires_grad_(False)  # the network learns what the linear model misses
+        if self.linear_ == "only":
+            # risk = x . beta (Cox) or bin baselines + x . beta (discrete): only the head's bias still trains
+            with torch.no_grad():
+                model.survival_head.linear.weight.zero_()
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name == "survival_head.linear.bias")
+        return model.to(self.device)
+
+    def _lasso_weights(self, model) -> list[Tensor]:
+        """First genomic layer(s) ``(H, G_p)`` whose input columns carry the group lasso (one per pathway)."""
+        if not self.group_lasso or "genomic" not in self.modalities_:
+            return []
+        encoder = model.genomic_encoder
+        encoders = encoder.encoders if hasattr(encoder, "encoders") else [encoder]  # pathway SNNs or one SNN
+        return [e.blocks[0][0].weight for e in encoders if e.blocks[0][0].weight.requires_grad]
 
     def _train(
         self, model, inputs: dict[str, object], event: np.ndarray, time: np.ndarray, generator: torch.Generator
@@ -285,9 +357,12 @@ class SurvivalEstimator(BaseEstimator):
         labels = {"event": torch.as_tensor(event), "time": torch.as_tensor(time, dtype=torch.float32)}
         if self.head == "discrete":
             labels["bin_index"] = torch.as_tensor(bin_index(time, self.bin_edges_))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
-        # first genomic layer (G -> H): one lasso group per input column
-        first_layer = model.genomic_encoder.blocks[0][0].weight if self.group_lasso and "genomic" in inputs else None
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:  # linear="only" with a Cox head: the Coxnet fit is the whole model
+            model.eval()
+            return []
+        optimizer = torch.optim.AdamW(trainable, lr=self.learning_rate, weight_decay=self.weight_decay)
+        lasso_weights = self._lasso_weights(model)  # first genomic layer(s): one lasso group per input column
         num_rows = len(event)
         batch_size = num_rows if self.batch_size is None else self.batch_size
         history = []
@@ -300,8 +375,8 @@ class SurvivalEstimator(BaseEstimator):
                 batch_labels = {name: value[rows].to(self.device) for name, value in labels.items()}
                 loss = model(**self._batch(inputs, rows), **batch_labels).loss
                 epoch_loss += loss.item() * len(rows) / num_rows
-                if first_layer is not None:
-                    loss = loss + self.group_lasso * first_layer.norm(dim=0).sum()
+                for weight in lasso_weights:
+                    loss = loss + self.group_lasso * weight.norm(dim=0).sum()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -321,15 +396,29 @@ class SurvivalEstimator(BaseEstimator):
             raise ValueError("y has no events; a survival model cannot be fitted")
         if self.head not in ("cox", "discrete"):
             raise ValueError(f"`head` must be 'cox' or 'discrete', got {self.head!r}")
+        if self.linear not in (*LINEAR_MODES, "auto"):
+            raise ValueError(f"`linear` must be 'auto' or one of {LINEAR_MODES}, got {self.linear!r}")
         self.feature_names_in_ = np.asarray(frame.columns, dtype=object)
         self.n_features_in_ = len(frame.columns)
         self.modalities_ = self._modalities(frame)
+        if self.linear not in ("auto", "none") and "genomic" not in self.modalities_:
+            raise ValueError(f"linear={self.linear!r} needs tabular columns in X; use linear='none'")
+        # one seed for everything below: inner folds, Coxnet's alpha search, init, dropout, shuffling. An int is
+        # used as is, so the linear path's Coxnet is the very fit of CoxnetCV(random_state=<that int>)
+        if isinstance(self.random_state, numbers.Integral):
+            seed = int(self.random_state)
+        else:
+            seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+
+        self.linear_ = self.linear
+        if self.linear == "auto":
+            self.linear_ = self._select_linear_mode(frame, y, seed) if "genomic" in self.modalities_ else "none"
         self.encoder_ = make_tabular_encoder()
         if self.head == "discrete":
             self.bin_edges_ = time_bins(time, event, self.num_bins)
         inputs = self._load_inputs(frame, fit=True)
+        linear_coef = self._fit_linear(frame, y, seed) if self.linear_ != "none" else None
 
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         generator = torch.Generator().manual_seed(seed)
         # a private RNG stream: reproducible init and dropout without touching the caller's global RNG
         gpu = [self.device] if torch.device(self.device).type == "cuda" else []
@@ -337,16 +426,50 @@ class SurvivalEstimator(BaseEstimator):
             torch.manual_seed(seed)
             self.models_, histories = [], []
             for _ in tqdm(range(self.n_networks), desc="networks", disable=not self.verbose, leave=False):
-                self.models_.append(self._build_model(inputs))
+                self.models_.append(self._build_model(inputs, linear_coef))
                 histories.append(self._train(self.models_[-1], inputs, event, time, generator))
         self.model_ = self.models_[0]
-        self.loss_history_ = list(np.mean(histories, axis=0))
+        self.loss_history_ = list(np.mean(histories, axis=0)) if histories[0] else []
 
         # grid of the survival functions: the training times as in sksurv's models, plus 0 where S = 1
         self.unique_times_ = np.unique(np.r_[0.0, time])
         if self.head == "cox":
             self.baseline_ = BreslowBaseline().fit(self._forward(inputs)[0], time, event)
         return self
+
+    def _fit_linear(self, frame: pd.DataFrame, y: np.ndarray, seed: int) -> np.ndarray:
+        """Coefficients ``(G,)`` of an elastic-net Cox on the encoded tabular covariates, alpha by inner CV."""
+        from .baselines import CoxnetCV
+
+        # (N, G) the model's standardized input, in float64 as sksurv's own pipeline sees it
+        genomic = np.asarray(self.encoder_.transform(frame.drop(columns=self._path_cols())), dtype=float)
+        self.linear_model_ = CoxnetCV(l1_ratio=self.linear_l1_ratio, random_state=seed).fit(genomic, y)
+        return self.linear_model_.coef_
+
+    def _select_linear_mode(self, frame: pd.DataFrame, y: np.ndarray, seed: int) -> str:
+        """``linear="auto"``: inner-CV Harrell's C of every mode in :data:`LINEAR_MODES` on the training data,
+        then the first mode whose mean is within one standard error of the best mode's mean."""
+        from sklearn.model_selection import StratifiedKFold
+
+        event, _ = split_survival(y)
+        if min(event.sum(), (~event).sum()) < self.selection_folds:
+            raise ValueError(
+                f"linear='auto' needs at least {self.selection_folds} patients with and without an event "
+                "(selection_folds); choose linear= explicitly"
+            )
+        folds = StratifiedKFold(self.selection_folds, shuffle=True, random_state=seed)
+        scores = {mode: [] for mode in LINEAR_MODES}
+        for train, valid in folds.split(frame, event):
+            for mode in LINEAR_MODES:
+                model = clone(self).set_params(linear=mode, random_state=seed, verbose=False)
+                scores[mode].append(model.fit(frame.iloc[train], y[train]).score(frame.iloc[valid], y[valid]))
+        self.selection_scores_ = {
+            mode: {"mean": float(np.mean(c)), "se": float(np.std(c, ddof=1) / np.sqrt(len(c)))}
+            for mode, c in scores.items()
+        }
+        best = max(LINEAR_MODES, key=lambda mode: self.selection_scores_[mode]["mean"])
+        threshold = self.selection_scores_[best]["mean"] - self.selection_scores_[best]["se"]
+        return next(mode for mode in LINEAR_MODES if self.selection_scores_[mode]["mean"] >= threshold)
 
     @torch.no_grad()
     def _forward(self, inputs: dict[str, object]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -387,6 +510,22 @@ class SurvivalEstimator(BaseEstimator):
         from sksurv.functions import StepFunction
 
         return np.array([StepFunction(self.unique_times_, curve) for curve in survival])
+
+    def model_inputs(self, X) -> dict[str, Tensor]:
+        """The keyword arguments the saved ``HistoFusionForSurvival`` takes for the rows of ``X`` (encoded
+        tabular matrix, padded tile bags, scans), e.g. ``AutoModel.from_pretrained(path)(**inputs).risk``."""
+        inputs = self._predict_inputs(X)
+        return self._batch(inputs, np.arange(len(next(iter(inputs.values())))))
+
+    def save_pretrained(self, directory: str | Path) -> list[Path]:
+        """Save the fitted fusion model(s) with ``save_pretrained`` (safetensors + config + remote code):
+        ``directory`` itself for one network, ``directory/network_<i>`` for a seed ensemble."""
+        check_is_fitted(self, "model_")
+        directory = Path(directory)
+        folders = [directory] if len(self.models_) == 1 else [directory / f"network_{i}" for i in range(len(self.models_))]
+        for model, folder in zip(self.models_, folders):
+            model.save_pretrained(folder)
+        return folders
 
     def score(self, X, y) -> float:
         """Harrell's concordance index of ``predict(X)`` against ``y``."""

@@ -87,7 +87,16 @@ def survival_array(
     if not event.any():
         source = f"event column {event_col!r}" if event_col is not None else f"censorship column {censorship_col!r}"
         raise ValueError(f"no events in the table ({source}): every patient is censored, survival cannot be fitted")
-    y = np.empty(len(df), dtype=[(EVENT_FIELD, bool), (TIME_FIELD, float)])
+    return survival_from_arrays(event, time)
+
+
+def survival_from_arrays(event, time) -> np.ndarray:
+    """The sksurv structured array ``[("event", bool), ("time", float)]`` of two 1-D sequences, as
+    ``sksurv.util.Surv.from_arrays`` builds it (without importing sksurv). Every histomim label array is made here."""
+    event, time = np.asarray(event, dtype=bool), np.asarray(time, dtype=float)
+    if event.ndim != 1 or event.shape != time.shape:
+        raise ValueError(f"event and time must be 1-D of one length, got shapes {event.shape} and {time.shape}")
+    y = np.empty(len(event), dtype=[(EVENT_FIELD, bool), (TIME_FIELD, float)])
     y[EVENT_FIELD], y[TIME_FIELD] = event, time
     return y
 

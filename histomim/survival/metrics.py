@@ -15,15 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .labels import split_survival
+from .labels import split_survival, survival_from_arrays
 
 METRICS = ("harrell_c", "uno_c", "mean_auc", "integrated_brier_score")
-
-
-def _structured(event: np.ndarray, time: np.ndarray) -> np.ndarray:
-    y = np.empty(len(event), dtype=[("event", bool), ("time", float)])
-    y["event"], y["time"] = event, time
-    return y
 
 
 def follow_up_horizon(y_train: np.ndarray, y_test: np.ndarray) -> float:
@@ -34,7 +28,7 @@ def follow_up_horizon(y_train: np.ndarray, y_test: np.ndarray) -> float:
 def censor_at(y: np.ndarray, horizon: float) -> np.ndarray:
     """Administrative censoring: times beyond ``horizon`` become censored at ``horizon``."""
     event, time = split_survival(y)
-    return _structured(event & (time < horizon), np.minimum(time, horizon))
+    return survival_from_arrays(event & (time < horizon), np.minimum(time, horizon))
 
 
 def evaluation_times(y_train: np.ndarray, y_test: np.ndarray, num: int = 10) -> np.ndarray:
@@ -109,7 +103,7 @@ def evaluate(
         raise ValueError(
             f"evaluation times must be < {horizon} (end of the joint train/test follow-up), got max {times.max()}"
         )
-    y_train = _structured(*split_survival(y_train))
+    y_train = survival_from_arrays(*split_survival(y_train))
     y_test_censored = censor_at(y_test, horizon)
 
     metrics = {
