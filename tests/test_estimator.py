@@ -271,7 +271,7 @@ def test_same_random_state_gives_bit_identical_predictions_across_processes(spli
     import subprocess
     import sys
 
-    script = f"""
+    script = """
 import numpy as np, torch
 torch.set_num_threads(1)
 from histomim.survival import SurvivalEstimator
