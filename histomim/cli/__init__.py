@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "tile": ("tile", "tile whole-slide images at a physical resolution into tile manifests"),
     "pretrain": ("pretrain", "pretrain an encoder with masked image modeling (no arguments: the demo)"),
     "extract": ("extract", "embed the tiles of tiled slides: one feature file per slide"),
+    "finetune": ("finetune", "fine-tune an encoder for classification: full (layer-wise lr decay) or LoRA"),
     "evaluate": ("evaluate", "linear probe, kNN and few-shot on frozen features, beside a random-init twin"),
     "survival": ("survival", "cross-validate a multimodal survival model on a patient table"),
     "benchmark": ("benchmark", "time histomim's training step against transformers' models"),

@@ -29,9 +29,8 @@ def _pair(text: str) -> tuple[str, str]:
     return image, mask
 
 
-def parse_args(argv=None, prog=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder or Hub id of the encoder (loaded with AutoModel)")
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that name the labelled images (shared with ``histomim finetune``)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="labelled images: a folder of class subfolders, a CSV/parquet table of image "
                         "paths and labels, or a datasets dataset (save_to_disk folder, parquet or Hub id) with an "
@@ -47,6 +46,12 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
                         help="with a table or dataset: the column naming each image's source (slide, patient) for "
                         "--split group (default: each image is its own group)")
     parser.add_argument("--dataset-split", default="train", help="with a Hub dataset / DatasetDict: which split to read (default: %(default)s)")
+
+
+def parse_args(argv=None, prog=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder or Hub id of the encoder (loaded with AutoModel)")
+    add_data_arguments(parser)
     parser.add_argument("--pooling", choices=POOLINGS, default="cls",
                         help="embedding: the CLS token, the mean of the patch tokens, or both concatenated (default: %(default)s)")
     parser.add_argument("--layer", type=int, default=None,
