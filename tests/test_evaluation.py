@@ -217,3 +217,30 @@ def test_folder_table_and_dataset_sources_give_the_same_labels(nuclei, tmp_path)
     loaded = hf_dataset(dataset)
     assert loaded.class_names == folder.class_names and len(loaded) == len(rows)
     assert loaded.images[1].mode == "RGB"
+
+
+def test_learning_curve_reads_pretraining_checkpoints_and_cut_tiles(tmp_path):
+    from safetensors.torch import save_file
+
+    from histomim import HistoMIMForPreTraining
+    from histomim.data.samples import sample_unlabelled_he_dir
+    from histomim.evaluation.learning_curve import checkpoint_encoder, checkpoint_steps
+    from histomim.evaluation.recipe import cut_tiles
+
+    images = sorted(sample_unlabelled_he_dir().glob("*.png"))
+    assert [p.name for p in images] == ["HE.png", "test1.png", "test2.png"]
+    assert cut_tiles(images[:1], tmp_path / "tiles", sizes=(250,)) == 9  # 500 px at stride 125
+    assert len(list((tmp_path / "tiles").glob("*.png"))) == 9
+
+    config = tiny_config(image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    pretraining = HistoMIMForPreTraining(config)
+    for step in (20, 10):
+        folder = tmp_path / "run" / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        save_file(pretraining.state_dict(), str(folder / "model.safetensors"))
+    (tmp_path / "run" / "checkpoints" / ".partial-step_00000030").mkdir()
+    assert [step for step, _ in checkpoint_steps(tmp_path / "run")] == [10, 20]
+    encoder = checkpoint_encoder(tmp_path / "run" / "checkpoints" / "step_00000010", config)
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(encoder(pixels).last_hidden_state, pretraining.histomim.eval()(pixels).last_hidden_state)
