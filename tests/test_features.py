@@ -57,5 +57,5 @@ def test_load_tile_features_formats_and_errors(tmp_path):
     save_file({"x": torch.zeros(2, 2), "y": torch.zeros(2, 2)}, str(tmp_path / "c.safetensors"))
     with pytest.raises(ValueError, match="c.safetensors"):
         load_tile_features(tmp_path / "c.safetensors")
-    with pytest.raises(FileNotFoundError, match="tile_slides"):
+    with pytest.raises(FileNotFoundError, match="histomim tile"):
         extract_features(HistoMIMModel(tiny_config()), tmp_path / "nothing", tmp_path / "f")

@@ -13,7 +13,7 @@ from histomim import HistoMIMForImageClassification, HistoMIMModel, image_proces
 from histomim.data.samples import sample_nuclei_pairs
 from histomim.evaluation import nucleus_crops
 from histomim.training.finetune import (
-    FinetuneSettings, add_lora, classifier_from_encoder, finetune, layer_decay_param_groups, predict_probabilities,
+    FinetuneSettings, classifier_from_encoder, finetune, layer_decay_param_groups, predict_probabilities,
 )  # fmt: skip
 
 
