@@ -3,6 +3,7 @@
     histomim tile slides/ --out tiles/            # histomim.cli.tile
     histomim pretrain                             # the demo; histomim.cli.pretrain
     histomim extract --model M --tiles T --out F  # histomim.cli.extract
+    histomim evaluate --model M --nuclei          # histomim.cli.evaluate
     histomim survival --compare-baselines         # histomim.cli.survival
     histomim benchmark --device cpu ...           # histomim.cli.benchmark
     accelerate launch -m histomim.cli pretrain --data tiles/ ...
@@ -21,6 +22,8 @@ SUBCOMMANDS = {
     "tile": ("tile", "tile whole-slide images at a physical resolution into tile manifests"),
     "pretrain": ("pretrain", "pretrain an encoder with masked image modeling (no arguments: the demo)"),
     "extract": ("extract", "embed the tiles of tiled slides: one feature file per slide"),
+    "finetune": ("finetune", "fine-tune an encoder for classification: full (layer-wise lr decay) or LoRA"),
+    "evaluate": ("evaluate", "linear probe, kNN and few-shot on frozen features, beside a random-init twin"),
     "survival": ("survival", "cross-validate a multimodal survival model on a patient table"),
     "benchmark": ("benchmark", "time histomim's training step against transformers' models"),
 }
