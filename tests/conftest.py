@@ -23,6 +23,17 @@ def tiny_config(**overrides) -> HistoMIMConfig:
     return HistoMIMConfig(**settings)
 
 
+def save_tiny_encoder(folder, seed: int):
+    """A seeded tiny histomim encoder for 32 px crops, saved with its image processor (no card)."""
+    from histomim import HistoMIMModel, image_processor_for
+
+    torch.manual_seed(seed)
+    model = HistoMIMModel(tiny_config(image_size=32, patch_size=8))
+    model.save_pretrained(folder)
+    image_processor_for(model.config).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def sample_slide_path():
     from histomim.data.samples import sample_slide_path as fetch

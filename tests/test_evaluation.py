@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import save_tiny_encoder, tiny_config
 from PIL import Image
 
 from histomim import HistoMIMModel, image_processor_for
@@ -30,12 +30,7 @@ def nuclei():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved tiny histomim encoder for 32 px crops, with its image processor and no card."""
-    folder = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(3)
-    model = HistoMIMModel(tiny_config(image_size=32, patch_size=8))
-    model.save_pretrained(folder)
-    image_processor_for(model.config).save_pretrained(folder)
-    return folder
+    return save_tiny_encoder(tmp_path_factory.mktemp("encoder"), seed=3)
 
 
 def test_nucleus_crops_are_centred_on_each_labelled_nucleus(nuclei):

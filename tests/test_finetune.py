@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import save_tiny_encoder, tiny_config
 
-from histomim import HistoMIMForImageClassification, HistoMIMModel, image_processor_for
+from histomim import HistoMIMForImageClassification, image_processor_for
 from histomim.data.samples import sample_nuclei_pairs
 from histomim.evaluation import nucleus_crops
 from histomim.training.finetune import (
@@ -28,12 +28,7 @@ def nuclei_pixels():
 
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("encoder")
-    torch.manual_seed(0)
-    model = HistoMIMModel(tiny_config(image_size=32, patch_size=8))
-    model.save_pretrained(folder)
-    image_processor_for(model.config).save_pretrained(folder)
-    return folder
+    return save_tiny_encoder(tmp_path_factory.mktemp("encoder"), seed=0)
 
 
 def test_layer_decay_scales_lr_from_head_to_embeddings(encoder_dir):
