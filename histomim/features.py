@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .paths import child_path
 
 
 def load_encoder(model_or_path, device: str | torch.device = "cpu"):
@@ -60,9 +61,12 @@ def extract_features(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     manifest = _read_manifest(tiles)
+    # every file name first: a crafted slide_id is refused before anything is written
+    targets = {slide_id: child_path(out_dir, f"{slide_id}.safetensors", "the tile manifest's slide_id")
+               for slide_id in manifest["slide_id"].unique()}  # fmt: skip
     outputs: dict[str, Path] = {}
     for slide_id, rows in tqdm(list(manifest.groupby("slide_id", sort=False)), desc="extracting features", unit="slide"):
-        target = out_dir / f"{slide_id}.safetensors"
+        target = targets[slide_id]
         outputs[slide_id] = target
         if target.exists() and not overwrite:
             continue

@@ -91,3 +91,16 @@ def test_features_of_a_non_square_tile_match_the_model_card_snippet(tiled, tmp_p
     with torch.no_grad():
         expected = model(**processor(images, return_tensors="pt")).pooler_output
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slide_id", ["../escaped", "/tmp/absolute", "a/b"])
+def test_a_slide_id_that_is_a_path_is_refused_before_anything_is_written(tiled, tmp_path, slide_id):
+    """A crafted manifest cannot make extraction write outside --out (or replace another model's files)."""
+    HistoMIMModel(tiny_config()).save_pretrained(tmp_path / "model")
+    manifest = pd.read_parquet(tiled / "manifest.parquet").head(4)
+    manifest.loc[2:, "slide_id"] = slide_id  # one honest slide, then the crafted one
+    out = tmp_path / "run" / "features"
+    with pytest.raises(ValueError, match=r"slide_id .* is not a plain file name"):
+        extract_features(tmp_path / "model", manifest, out)
+    assert not any(out.iterdir()) and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["features"]
+    assert not (tmp_path / "escaped.safetensors").exists()

@@ -410,3 +410,18 @@ def test_warmup_cosine_schedule():
     assert multipliers[4] == 1.0 and multipliers[12] == pytest.approx(0.5) and multipliers[20] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(multipliers[4:], multipliers[5:], strict=False))
     assert warmup_cosine(30, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_a_latest_pointer_to_another_runs_checkpoint_is_refused(uninterrupted, tiny_config_dir, tmp_path):
+    """A hand-edited `latest` must not resume another run's state (or any folder outside this run's checkpoints)."""
+    reference_args, _ = uninterrupted
+    other_run = latest_checkpoint(Path(reference_args.output_dir) / "checkpoints")
+    output_dir = tmp_path / "mine"
+    shutil.copytree(other_run, output_dir / "checkpoints" / other_run.name)
+    pointer = output_dir / "checkpoints" / "latest"
+    for crafted in (str(other_run), f"../../elsewhere/checkpoints/{other_run.name}", f"{other_run.name}/../../x"):
+        pointer.write_text(crafted + "\n")
+        with pytest.raises(CheckpointError, match="latest"):
+            latest_checkpoint(output_dir / "checkpoints")
+    pointer.write_text(other_run.name + "\n")
+    assert latest_checkpoint(output_dir / "checkpoints") == output_dir / "checkpoints" / other_run.name

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
+from ..paths import child_path
 
 CHECKPOINT_PREFIX = "step_"
 PARTIAL_PREFIX = ".partial-"
@@ -203,7 +204,13 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path:
     checkpoints_dir = Path(checkpoints_dir)
     pointer = checkpoints_dir / LATEST_NAME
     if pointer.is_file():
-        target = checkpoints_dir / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        if not name.startswith(CHECKPOINT_PREFIX):
+            raise CheckpointError(f"{pointer} names {name!r}, not a {CHECKPOINT_PREFIX}<step> checkpoint of this run")
+        try:  # a hand-edited pointer must not resume another run's checkpoint
+            target = child_path(checkpoints_dir, name, f"the checkpoint named by {pointer}")
+        except ValueError as error:
+            raise CheckpointError(str(error)) from error
         if target.is_dir():
             return target
     complete = complete_checkpoints(checkpoints_dir)
