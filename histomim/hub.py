@@ -176,11 +176,11 @@ def files_to_upload(model_dir: str | Path) -> list[Path]:
 def code_files(model_dir: Path) -> list[Path]:
     """The ``*.py`` files the saved model needs for ``trust_remote_code``: the modules its config's
     ``auto_map`` names and, transitively, the sibling modules they import relatively."""
-    config = json.loads((model_dir / "config.json").read_text())
-    modules = [reference.split("--")[-1].split(".")[0] for reference in flat_values(config.get("auto_map", {}))]
-    processor_config = model_dir / "preprocessor_config.json"
-    if processor_config.is_file():
-        modules += [ref.split("--")[-1].split(".")[0] for ref in flat_values(json.loads(processor_config.read_text()).get("auto_map", {}))]
+    modules = []
+    for config_file in (model_dir / "config.json", model_dir / "preprocessor_config.json"):
+        auto_map = json.loads(config_file.read_text()).get("auto_map", {}) if config_file.is_file() else {}
+        # "repo--module.Class" or "module.Class" -> "module"
+        modules += [reference.split("--")[-1].split(".")[0] for reference in flat_values(auto_map)]
     found: dict[str, Path] = {}
     while modules:
         name = modules.pop()

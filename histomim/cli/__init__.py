@@ -17,21 +17,21 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module under histomim.cli, one-line description for `histomim --help`)
+# command -> its one-line description for `histomim --help`; the command is the module histomim.cli.<command>
 SUBCOMMANDS = {
-    "tile": ("tile", "tile whole-slide images at a physical resolution into tile manifests"),
-    "pretrain": ("pretrain", "pretrain an encoder with masked image modeling (no arguments: the demo)"),
-    "extract": ("extract", "embed the tiles of tiled slides: one feature file per slide"),
-    "finetune": ("finetune", "fine-tune an encoder for classification: full (layer-wise lr decay) or LoRA"),
-    "evaluate": ("evaluate", "linear probe, kNN and few-shot on frozen features, beside a random-init twin"),
-    "survival": ("survival", "cross-validate a multimodal survival model on a patient table"),
-    "benchmark": ("benchmark", "time histomim's training step against transformers' models"),
+    "tile": "tile whole-slide images at a physical resolution into tile manifests",
+    "pretrain": "pretrain an encoder with masked image modeling (no arguments: the demo)",
+    "extract": "embed the tiles of tiled slides: one feature file per slide",
+    "finetune": "fine-tune an encoder for classification: full (layer-wise lr decay) or LoRA",
+    "evaluate": "linear probe, kNN and few-shot on frozen features, beside a random-init twin",
+    "survival": "cross-validate a multimodal survival model on a patient table",
+    "benchmark": "time histomim's training step against transformers' models",
 }
 
 
 def usage() -> str:
     width = max(map(len, SUBCOMMANDS))
-    lines = [f"  {name:<{width}}  {description}" for name, (_, description) in SUBCOMMANDS.items()]
+    lines = [f"  {name:<{width}}  {description}" for name, description in SUBCOMMANDS.items()]
     return (
         "usage: histomim <command> [options]\n\n"
         "Masked image modeling for histopathology on the Hugging Face stack.\n\n"
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"histomim: unknown command {name!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"{__name__}.{SUBCOMMANDS[name][0]}")
+    module = importlib.import_module(f"{__name__}.{name}")
     return module.main(rest, prog=f"histomim {name}") or 0
 
 
