@@ -198,10 +198,6 @@ class TileFolder:
     def slide_tiles_dir(self, slide_id: str) -> Path:
         return self.root / "tiles" / slide_id
 
-    def exists(self) -> bool:
-        """Whether ``root`` is a `tile_slides` folder (it records its settings first)."""
-        return self.config_path.is_file()
-
     def read_config(self) -> dict | None:
         return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
 
