@@ -4,6 +4,8 @@
     histomim survival --table study.csv --time-col days --event-col dead --patient-col case_id \
         --genomic-prefix rna_ --slide-features-col features_path --fusion coattention --head discrete \
         --pathways hallmarks.csv --modality-dropout 0.2 --max-tiles 512 --save-models --refit
+    histomim survival --table study.csv ... --slide-tiles-col slide_path --histology-encoder outputs/histomim-tiny-demo \
+        --lora-rank 8 --tiles-per-slide 16 --max-tiles 8 --save-models    # the ViT fine-tuned with LoRA, end to end
     histomim survival ... --refit --push-to-hub org/my-survival-model      # private unless --public
     accelerate launch -m histomim.cli survival ...   # folds spread over the processes
 """
@@ -32,7 +34,13 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Surviv
     features = data.add_mutually_exclusive_group()
     features.add_argument("--genomic-cols", nargs="+", help="tabular (genomic/clinical) feature columns")
     features.add_argument("--genomic-prefix", help="use every column whose name starts with this prefix as a feature")
-    data.add_argument("--slide-features-col", help="column of tile-feature files (.npy/.safetensors, N x D) per slide")
+    slides = data.add_mutually_exclusive_group()
+    slides.add_argument("--slide-features-col", help="column of tile-feature files (.npy/.safetensors, N x D) per slide")
+    slides.add_argument(
+        "--slide-tiles-col",
+        help="column of whole-slide files, `histomim tile` folders or tile-image folders per slide, encoded end to "
+        "end by --histology-encoder (fine-tuned with LoRA) instead of precomputed features",
+    )
     data.add_argument("--radiology-col", help="column of DICOM/NIfTI scan paths (one per patient)")
     data.add_argument(
         "--pathways",
@@ -80,6 +88,30 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Surviv
         type=int,
         default=defaults.max_tiles,
         help="tiles sampled per patient and training step from the slide features (default: all)",
+    )
+    model.add_argument(
+        "--histology-encoder",
+        help="histomim encoder (folder or Hub id) that encodes the --slide-tiles-col tiles inside the fusion model",
+    )
+    model.add_argument(
+        "--tiles-per-slide",
+        type=int,
+        default=defaults.tiles_per_slide,
+        help="tiles kept per slide for --histology-encoder, spread evenly over the tissue (default: %(default)s)",
+    )
+    model.add_argument(
+        "--lora-rank",
+        type=int,
+        default=defaults.lora_rank,
+        help="rank of the LoRA adapters trained on the --histology-encoder ViT; 0 freezes it (default: %(default)s)",
+    )
+    model.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha, help="LoRA scaling (default: 2 x rank)")
+    model.add_argument(
+        "--lora-target-modules",
+        nargs="+",
+        default=defaults.lora_target_modules,
+        help="ViT linears that get adapters: qkv (attention input), proj (attention output), fc1, fc2 (MLP) "
+        "(default: %(default)s)",
     )
     model.add_argument("--folds", type=int, default=defaults.folds, help="number of stratified patient-level folds")
     model.add_argument("--epochs", type=int, default=defaults.epochs, help="fixed number of full-batch epochs per fold")

@@ -7,7 +7,9 @@ becomes a frozen linear path inside the fusion model, and internal cross-validat
 a small self-normalizing network (SNN) with a Cox or discrete-time head, trained full-batch with
 AdamW, is added on top of it, replaces it, or is left out (``linear="auto"``). Columns named by
 ``histology_col`` (tile-feature files) and ``radiology_col`` (DICOM/NIfTI scans) add the other
-modalities of the fusion model. It plugs into sksurv metrics and sklearn's ``cross_val_score`` /
+modalities of the fusion model. With ``histology_encoder`` (a pretrained histomim ViT) the histology column
+holds slides or tile folders instead, and the ViT is fine-tuned end to end inside the fusion model through
+LoRA adapters (PEFT), which are merged into the saved model and also saved on their own. It plugs into sksurv metrics and sklearn's ``cross_val_score`` /
 ``GridSearchCV``: ``fit(X, y)`` takes an sksurv structured array, ``predict`` returns risk scores
 (higher = worse), ``predict_survival_function`` returns ``StepFunction``s and ``score`` Harrell's C.
 """
@@ -33,6 +35,8 @@ from .labels import bin_index, split_survival, time_bins
 # How the linear path on the tabular covariates is used, in order of preference under the one-standard-error
 # rule of linear="auto": the elastic-net Cox alone, the Cox plus the network on top, the network alone.
 LINEAR_MODES = ("only", "both", "none")
+# where save_pretrained puts the end-to-end ViT's LoRA adapters (PEFT format) inside a saved model folder
+LORA_FOLDER = "histology_lora"
 
 
 def make_tabular_encoder():
@@ -68,10 +72,11 @@ def _as_list(cell) -> list:
     return [] if pd.isna(cell) else [cell]
 
 
-def _pad_bags(bags: Sequence[Tensor | None], feature_dim: int) -> tuple[Tensor, Tensor]:
-    """Bags of tiles ``[(N_i, D) or None]`` -> padded features ``(B, N, D)`` and mask ``(B, N)``."""
+def _pad_bags(bags: Sequence[Tensor | None], item_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Bags of tiles ``[(N_i, *item_shape) or None]`` (features ``(D,)`` or pixels ``(C, H, W)`` per tile) ->
+    padded bags ``(B, N, *item_shape)`` and mask ``(B, N)``."""
     longest = max([1, *(len(b) for b in bags if b is not None)])
-    features = torch.zeros(len(bags), longest, feature_dim)
+    features = torch.zeros(len(bags), longest, *item_shape)
     mask = torch.zeros(len(bags), longest, dtype=torch.bool)
     for row, bag in enumerate(bags):
         if bag is not None:
@@ -118,6 +123,17 @@ class SurvivalEstimator(BaseEstimator):
         radiology_col: column of ``X`` with DICOM/NIfTI paths, loaded with
             :func:`histomim.data.radiology.load_scan` at ``radiology_size``.
         radiology_size: size every scan is resampled to (per spatial axis).
+        histology_encoder: a histomim encoder (saved folder or Hub id, loaded with ``AutoModel``) that makes
+            the histology path end to end: the ``histology_col`` cells are then whole-slide files (tiled on the
+            fly at the encoder's ``target_mpp`` and ``image_size``), `histomim tile` folders, tile manifests or
+            folders of tile images (or lists of them), and their tiles pass through this ViT while training.
+        histology_tiles_per_slide: tiles kept per slide or tile source for the end-to-end path, spread evenly
+            over it (the same tiles at fit and predict time); ``None`` = all (memory grows with it).
+        lora_rank: rank of the LoRA adapters trained on the end-to-end ViT (the base weights stay frozen);
+            ``0`` freezes the ViT and trains only the MIL, fusion and head.
+        lora_alpha: LoRA scaling (``None`` = ``2 * lora_rank``).
+        lora_target_modules: the ViT's linear layers that get adapters: ``"qkv"`` (attention input),
+            ``"proj"`` (attention output), ``"fc1"``/``"fc2"`` (MLP).
         linear: ``"auto"`` (default, see above), ``"only"``, ``"both"`` or ``"none"``; any mode but
             ``"none"`` needs tabular columns. The saved model holds the linear path
             (``config.genomic_linear``), so it reproduces the estimator's risks on its own.
@@ -157,6 +173,11 @@ class SurvivalEstimator(BaseEstimator):
         histology_col: str | None = None,
         radiology_col: str | None = None,
         radiology_size: int = 64,
+        histology_encoder: str | None = None,
+        histology_tiles_per_slide: int | None = 16,
+        lora_rank: int = 8,
+        lora_alpha: int | None = None,
+        lora_target_modules: Sequence[str] = ("qkv",),
         linear: str = "auto",
         linear_l1_ratio: float = 0.5,
         selection_folds: int = 3,
@@ -185,6 +206,11 @@ class SurvivalEstimator(BaseEstimator):
         self.histology_col = histology_col
         self.radiology_col = radiology_col
         self.radiology_size = radiology_size
+        self.histology_encoder = histology_encoder
+        self.histology_tiles_per_slide = histology_tiles_per_slide
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_target_modules = lora_target_modules
         self.linear = linear
         self.linear_l1_ratio = linear_l1_ratio
         self.selection_folds = selection_folds
@@ -239,14 +265,12 @@ class SurvivalEstimator(BaseEstimator):
             encoded[tabular.isna().all(axis=1).to_numpy()] = np.nan
             inputs["genomic"] = torch.from_numpy(encoded)
         if self.histology_col is not None:
-            from ..features import load_tile_features
-
             bags = []
             for row, cell in frame[self.histology_col].items():
                 files = _as_list(cell)
                 with _naming_cell(self.histology_col, row):
-                    bags.append(torch.cat([load_tile_features(f) for f in files]) if files else None)  # (N_i, D)
-            inputs["histology"] = bags
+                    bags.append(torch.cat([self._histology_bag(f) for f in files]) if files else None)
+            inputs["histology"] = bags  # [(N_i, D) features or (N_i, C, H, W) tile pixels, or None]
         if self.radiology_col is not None:
             from ..data.radiology import load_scan
 
@@ -262,14 +286,54 @@ class SurvivalEstimator(BaseEstimator):
             inputs["radiology"] = scans
         return inputs
 
+    def _histology_bag(self, source) -> Tensor:
+        """One slide's bag: its tile features ``(N, D)``, or with ``histology_encoder`` its preprocessed tiles
+        ``(N, C, H, W)`` (kept in ``_tile_bags`` during a fit, so the inner-CV refits tile each slide once)."""
+        if self.histology_encoder is None:
+            from ..features import load_tile_features
+
+            return load_tile_features(source)
+        from ..data.bags import tile_bag
+
+        cache = getattr(self, "_tile_bags", {})
+        key = str(Path(source).resolve())
+        if key not in cache:
+            config = self.histology_encoder_config_
+            cache[key] = tile_bag(
+                source, self.histology_processor_, config.target_mpp or 0.5, config.image_size,
+                self.histology_tiles_per_slide,
+            )  # fmt: skip
+        return cache[key]
+
+    def _load_histology_encoder(self) -> None:
+        """The pretrained ViT of the end-to-end histology path: its config, weights and image processor."""
+        from ..features import load_encoder
+        from ..mim.image_processing_histomim import image_processor_for
+
+        encoder = load_encoder(self.histology_encoder)
+        if encoder.config.model_type != "histomim":
+            raise ValueError(
+                f"histology_encoder={self.histology_encoder!r} is a {encoder.config.model_type!r} model; the end-to-end "
+                "histology path takes a histomim encoder (extract features with other encoders instead)"
+            )
+        self.histology_encoder_config_ = encoder.config
+        self.histology_processor_ = image_processor_for(encoder.config)
+        self._histology_weights = encoder.state_dict()
+
     def _batch(self, inputs: dict[str, object], rows: np.ndarray) -> dict[str, Tensor]:
         """Model keyword arguments for ``rows``; absent modalities become NaN rows / empty bags."""
         batch: dict[str, Tensor] = {}
         if "genomic" in inputs:
             batch["genomic"] = inputs["genomic"][rows]  # (b, G)
         if "histology" in inputs:
-            feature_dim = self.models_[0].config.histology_feature_dim
-            batch["histology"], batch["histology_mask"] = _pad_bags([inputs["histology"][r] for r in rows], feature_dim)
+            config = self.models_[0].config
+            if config.histology_encoder is None:
+                item_shape = (config.histology_feature_dim,)
+            else:
+                size = config.histology_encoder.image_size
+                item_shape = (config.histology_encoder.num_channels, size, size)
+            bags = [inputs["histology"][r] for r in rows]
+            batch["histology"], batch["histology_mask"] = _pad_bags(bags, item_shape)
         if "radiology" in inputs:
             config = self.models_[0].config
             shape = (config.radiology_num_channels, *config.radiology_image_size)
@@ -297,7 +361,9 @@ class SurvivalEstimator(BaseEstimator):
                 genomic_pathways=pathway_assignment(names, self.pathways) if self.pathways else None,
                 genomic_linear=linear_coef is not None,
             )
-        if "histology" in inputs:
+        if "histology" in inputs and self.histology_encoder is not None:
+            settings["histology_encoder"] = self.histology_encoder_config_
+        elif "histology" in inputs:
             dims = {b.shape[1] for b in inputs["histology"] if b is not None}
             if len(dims) != 1:
                 raise ValueError(
@@ -329,6 +395,8 @@ class SurvivalEstimator(BaseEstimator):
             **settings,
         )
         model = HistoFusionForSurvival(config)
+        if self.histology_encoder is not None:
+            model.histology_encoder.encoder.load_state_dict(self._histology_weights)
         if linear_coef is not None:
             with torch.no_grad():
                 model.genomic_linear.weight.copy_(torch.as_tensor(linear_coef, dtype=torch.float32)[None])
@@ -339,7 +407,35 @@ class SurvivalEstimator(BaseEstimator):
                 model.survival_head.linear.weight.zero_()
             for name, parameter in model.named_parameters():
                 parameter.requires_grad_(name == "survival_head.linear.bias")
+        elif self.histology_encoder is not None:
+            self._adapt_histology_encoder(model)
         return model.to(self.device)
+
+    def _adapt_histology_encoder(self, model) -> None:
+        """Freeze the end-to-end ViT and, with ``lora_rank``, wrap it in trainable PEFT LoRA adapters."""
+        from ..training.lora import add_lora
+
+        tiles = model.histology_encoder
+        if not self.lora_rank:
+            tiles.encoder.requires_grad_(False)
+            return
+        alpha = self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+        tiles.encoder = add_lora(tiles.encoder, r=self.lora_rank, lora_alpha=alpha, target_modules=self.lora_target_modules)
+
+    def _merge_lora(self, model) -> dict | None:
+        """Fold a trained model's LoRA adapters into its ViT weights (what is saved and predicts) and return
+        the adapters in PEFT's format, ``{"config": LoraConfig, "weights": {name: tensor}}``, to save beside it."""
+        tiles = getattr(model, "histology_encoder", None)
+        if not hasattr(getattr(tiles, "encoder", None), "peft_config"):
+            return None
+        from peft import get_peft_model_state_dict
+
+        adapter = {
+            "config": tiles.encoder.peft_config["default"],
+            "weights": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(tiles.encoder).items()},
+        }
+        tiles.encoder = tiles.encoder.merge_and_unload()
+        return adapter
 
     def _lasso_weights(self, model) -> list[Tensor]:
         """First genomic layer(s) ``(H, G_p)`` whose input columns carry the group lasso (one per pathway)."""
@@ -402,6 +498,8 @@ class SurvivalEstimator(BaseEstimator):
         self.modalities_ = self._modalities(frame)
         if self.linear not in ("auto", "none") and "genomic" not in self.modalities_:
             raise ValueError(f"linear={self.linear!r} needs tabular columns in X; use linear='none'")
+        if self.histology_encoder is not None and self.histology_col is None:
+            raise ValueError("histology_encoder encodes the slides of histology_col: set histology_col too")
         # one seed for everything below: inner folds, Coxnet's alpha search, init, dropout, shuffling. An int is
         # used as is, so the linear path's Coxnet is the very fit of CoxnetCV(random_state=<that int>)
         if isinstance(self.random_state, numbers.Integral):
@@ -409,6 +507,20 @@ class SurvivalEstimator(BaseEstimator):
         else:
             seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
 
+        owns_tile_cache = not hasattr(self, "_tile_bags")  # the inner-CV refits share their caller's tiles
+        if owns_tile_cache:
+            self._tile_bags = {}
+        try:
+            if self.histology_encoder is not None:
+                self._load_histology_encoder()
+            self._fit(frame, y, event, time, seed)
+        finally:
+            if owns_tile_cache:
+                del self._tile_bags
+            self.__dict__.pop("_histology_weights", None)  # the fitted models hold them now
+        return self
+
+    def _fit(self, frame: pd.DataFrame, y: np.ndarray, event: np.ndarray, time: np.ndarray, seed: int) -> None:
         self.linear_ = self.linear
         if self.linear == "auto":
             self.linear_ = self._select_linear_mode(frame, y, seed) if "genomic" in self.modalities_ else "none"
@@ -423,10 +535,12 @@ class SurvivalEstimator(BaseEstimator):
         gpu = [self.device] if torch.device(self.device).type == "cuda" else []
         with torch.random.fork_rng(devices=gpu):
             torch.manual_seed(seed)
-            self.models_, histories = [], []
+            self.models_, histories, adapters = [], [], []
             for _ in tqdm(range(self.n_networks), desc="networks", disable=not self.verbose, leave=False):
                 self.models_.append(self._build_model(inputs, linear_coef))
                 histories.append(self._train(self.models_[-1], inputs, event, time, generator))
+                adapters.append(self._merge_lora(self.models_[-1]))
+        self.lora_adapters_ = adapters if any(adapters) else None
         self.model_ = self.models_[0]
         self.loss_history_ = list(np.mean(histories, axis=0)) if histories[0] else []
 
@@ -434,7 +548,6 @@ class SurvivalEstimator(BaseEstimator):
         self.unique_times_ = np.unique(np.r_[0.0, time])
         if self.head == "cox":
             self.baseline_ = BreslowBaseline().fit(self._forward(inputs)[0], time, event)
-        return self
 
     def _fit_linear(self, frame: pd.DataFrame, y: np.ndarray, seed: int) -> np.ndarray:
         """Coefficients ``(G,)`` of an elastic-net Cox on the encoded tabular covariates, alpha by inner CV."""
@@ -461,6 +574,7 @@ class SurvivalEstimator(BaseEstimator):
         for train, valid in folds.split(frame, event):
             for mode in LINEAR_MODES:
                 model = clone(self).set_params(linear=mode, random_state=seed, verbose=False)
+                model._tile_bags = self._tile_bags
                 scores[mode].append(model.fit(frame.iloc[train], y[train]).score(frame.iloc[valid], y[valid]))
         self.selection_scores_ = {
             mode: {"mean": float(np.mean(c)), "se": float(np.std(c, ddof=1) / np.sqrt(len(c)))}
@@ -518,12 +632,26 @@ class SurvivalEstimator(BaseEstimator):
 
     def save_pretrained(self, directory: str | Path) -> list[Path]:
         """Save the fitted fusion model(s) with ``save_pretrained`` (safetensors + config + remote code):
-        ``directory`` itself for one network, ``directory/network_<i>`` for a seed ensemble."""
+        ``directory`` itself for one network, ``directory/network_<i>`` for a seed ensemble.
+
+        With an end-to-end LoRA-tuned ViT the saved weights hold the merged adapters (so ``AutoModel`` gives
+        this estimator's risks), and ``<folder>/histology_lora`` holds the adapters alone in PEFT's format:
+        ``PeftModel.from_pretrained(AutoModel.from_pretrained(histology_encoder), <folder>/histology_lora)`` is
+        the fine-tuned tile encoder, e.g. for feature extraction."""
+        from ..atomic import atomic_path
+
         check_is_fitted(self, "model_")
         directory = Path(directory)
         folders = [directory] if len(self.models_) == 1 else [directory / f"network_{i}" for i in range(len(self.models_))]
-        for model, folder in zip(self.models_, folders):
+        adapters = self.lora_adapters_ or [None] * len(self.models_)
+        for model, adapter, folder in zip(self.models_, adapters, folders):
             model.save_pretrained(folder)
+            if adapter is not None:
+                from safetensors.torch import save_file
+
+                adapter["config"].save_pretrained(folder / LORA_FOLDER)  # adapter_config.json
+                with atomic_path(folder / LORA_FOLDER / "adapter_model.safetensors") as partial:
+                    save_file(adapter["weights"], str(partial))
         return folders
 
     def score(self, X, y) -> float:

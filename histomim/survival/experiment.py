@@ -46,6 +46,7 @@ class SurvivalCVConfig:
     genomic_cols: list[str] | None = None
     genomic_prefix: str | None = None
     slide_features_col: str | None = None
+    slide_tiles_col: str | None = None  # slides / tile folders, encoded end to end by histology_encoder
     radiology_col: str | None = None
     pathways: str | None = None  # gene-set table (CSV/TSV with pathway and gene columns)
     fusion: str = _ESTIMATOR_DEFAULTS["fusion"]
@@ -54,6 +55,11 @@ class SurvivalCVConfig:
     group_lasso: float = _ESTIMATOR_DEFAULTS["group_lasso"]
     modality_dropout: float = _ESTIMATOR_DEFAULTS["modality_dropout"]
     max_tiles: int | None = _ESTIMATOR_DEFAULTS["histology_max_tiles"]
+    histology_encoder: str | None = None
+    tiles_per_slide: int | None = _ESTIMATOR_DEFAULTS["histology_tiles_per_slide"]
+    lora_rank: int = _ESTIMATOR_DEFAULTS["lora_rank"]
+    lora_alpha: int | None = _ESTIMATOR_DEFAULTS["lora_alpha"]
+    lora_target_modules: list[str] = field(default_factory=lambda: list(_ESTIMATOR_DEFAULTS["lora_target_modules"]))
     folds: int = 5
     epochs: int = _ESTIMATOR_DEFAULTS["epochs"]
     lr: float = _ESTIMATOR_DEFAULTS["learning_rate"]
@@ -88,7 +94,12 @@ def build_estimator(config: SurvivalCVConfig) -> SurvivalEstimator:
         modality_dropout=config.modality_dropout,
         histology_max_tiles=config.max_tiles,
         pathways=read_pathways(config.pathways) if config.pathways else None,
-        histology_col=config.slide_features_col,
+        histology_col=config.slide_features_col or config.slide_tiles_col,
+        histology_encoder=config.histology_encoder,
+        histology_tiles_per_slide=config.tiles_per_slide,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_target_modules=tuple(config.lora_target_modules),
         radiology_col=config.radiology_col,
         epochs=config.epochs,
         learning_rate=config.lr,
@@ -106,6 +117,11 @@ def run_survival_cv(config: SurvivalCVConfig, accelerator=None) -> CVResults:
 
     if config.push_to_hub and not config.refit:
         raise ValueError("--push-to-hub uploads the model refitted on all patients: add --refit")
+    if (config.slide_tiles_col is None) != (config.histology_encoder is None):
+        raise ValueError("--slide-tiles-col and --histology-encoder go together: the encoder reads that column's tiles")
+    if config.slide_tiles_col is not None and config.slide_features_col is not None:
+        raise ValueError("give --slide-features-col (precomputed features) or --slide-tiles-col (end to end), not both")
+    slide_col = config.slide_features_col or config.slide_tiles_col
     # cpu=True on CPU-only machines so that torchrun / accelerate launch start gloo processes
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     if config.table is None:
@@ -121,7 +137,7 @@ def run_survival_cv(config: SurvivalCVConfig, accelerator=None) -> CVResults:
             config.patient_col,
             config.genomic_cols,
             config.genomic_prefix,
-            config.slide_features_col,
+            slide_col,
             config.radiology_col,
         )
     folds = patient_folds(X, labels=y, n_splits=config.folds, seed=config.seed)
@@ -130,7 +146,7 @@ def run_survival_cv(config: SurvivalCVConfig, accelerator=None) -> CVResults:
     name = f"HistoFusion ({config.head})"
     models: dict[str, BaseEstimator] = {name: estimator}
     if config.compare_baselines:
-        path_cols = {config.slide_features_col, config.radiology_col}
+        path_cols = {slide_col, config.radiology_col}
         models.update(baseline_estimators([c for c in X.columns if c not in path_cols], config.seed))
 
     output_dir = Path(config.output_dir)

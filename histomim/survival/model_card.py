@@ -16,6 +16,23 @@ LINEAR_TEXT = {
 }
 
 
+def histology_text(estimator) -> str | None:
+    """How the histology path was trained, for the card's table; ``None`` without histology."""
+    config = estimator.model_.config
+    if "histology" not in config.modalities:
+        return None
+    if config.histology_encoder is None:
+        return f"precomputed tile features ({config.histology_feature_dim}-d) -> attention MIL"
+    encoder = f"`{estimator.histology_encoder}`" if getattr(estimator, "histology_encoder", None) else "a histomim ViT"
+    tuning = (
+        f"LoRA rank {estimator.lora_rank} on {', '.join(estimator.lora_target_modules)} (merged into these weights; "
+        f"the adapters alone, PEFT format, in `histology_lora/`)"
+        if getattr(estimator, "lora_rank", 0)
+        else "frozen"
+    )
+    return f"tiles -> {encoder} ({tuning}) -> attention MIL"
+
+
 def write_model_card(
     estimator, folder: str | Path, num_patients: int, num_events: int, training_text: str, evaluation_text: str,
     repo_id: str = "<repo id>",
@@ -47,13 +64,20 @@ def write_model_card(
         "num_patients": num_patients,
         "num_events": num_events,
         "settings": ", ".join(f"{k}={v}" for k, v in settings.items()),
+        "histology_text": histology_text(estimator),
         "training_text": training_text,
         "evaluation_text": evaluation_text,
         "histomim_version": getattr(histomim, "__version__", "unknown"),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
-    data = ModelCardData(library_name="transformers", license="other", tags=["histomim", "survival-analysis", "multimodal"])
+    from ..run_report import is_hub_id
+
+    base_model = getattr(estimator, "histology_encoder", None)
+    data = ModelCardData(
+        library_name="transformers", license="other", tags=["histomim", "survival-analysis", "multimodal"],
+        base_model=base_model if base_model and is_hub_id(base_model) else None,
+    )  # fmt: skip
     card = ModelCard.from_template(data, template_path=str(resource_dir("model_cards") / TEMPLATE), **info)
     path = Path(folder) / "README.md"
     with atomic_path(path) as partial:
