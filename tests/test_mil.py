@@ -10,7 +10,7 @@ import torch
 from conftest import colour_features
 
 from histomim.multimodal.mil import ABMIL, GatedAttentionPooling, sample_tiles
-from histomim.training.lora import add_lora
+from histomim.lora import add_lora
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")

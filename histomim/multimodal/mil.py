@@ -5,7 +5,7 @@
   ``max_tiles`` tiles per bag while training.
 - :class:`TileEncoderMIL` runs tile pixels ``(B, N, 3, H, W)`` through an image encoder (a
   :class:`~histomim.mim.modeling_histomim.HistoMIMModel`) first, end to end, for bags small enough to
-  backpropagate through; :func:`histomim.training.lora.add_lora` then makes only LoRA adapters (and chosen heads)
+  backpropagate through; :func:`histomim.lora.add_lora` then makes only LoRA adapters (and chosen heads)
   trainable with PEFT.
 """
 
@@ -123,7 +123,7 @@ class TileEncoderMIL(nn.Module):
     ``encoder`` is any module mapping ``pixel_values (T, C, H, W)`` to an output with
     ``pooler_output (T, D)``, e.g. :class:`~histomim.mim.modeling_histomim.HistoMIMModel`. Every
     tile of every bag goes through the encoder with gradients, so keep bags small (or sample them
-    with ``max_tiles``) and train the encoder through LoRA adapters (:func:`histomim.training.lora.add_lora`).
+    with ``max_tiles``) and train the encoder through LoRA adapters (:func:`histomim.lora.add_lora`).
     """
 
     def __init__(self, encoder: nn.Module, mil: ABMIL):

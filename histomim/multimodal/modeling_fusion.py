@@ -98,7 +98,7 @@ class HistoFusionForSurvival(HistoFusionPreTrainedModel):
 
     End-to-end histology (``config.histology_encoder`` set): start the ViT from a pretrained encoder
     with ``model.histology_encoder.encoder.load_state_dict(HistoMIMModel.from_pretrained(path).state_dict())``,
-    then train it through LoRA with ``histomim.training.lora.add_lora(model, target_modules=["qkv"],
+    then train it through LoRA with ``histomim.lora.add_lora(model, target_modules=["qkv"],
     trainable_modules=["mil", "genomic_encoder", "fusion", "survival_head"])`` (see :mod:`.mil`).
     """
 

@@ -413,7 +413,7 @@ class SurvivalEstimator(BaseEstimator):
 
     def _adapt_histology_encoder(self, model) -> None:
         """Freeze the end-to-end ViT and, with ``lora_rank``, wrap it in trainable PEFT LoRA adapters."""
-        from ..training.lora import add_lora
+        from ..lora import add_lora
 
         tiles = model.histology_encoder
         if not self.lora_rank:

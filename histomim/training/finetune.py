@@ -6,7 +6,7 @@ full fine-tuning with layer-wise learning-rate decay, or LoRA adapters through P
 
 Layer-wise decay (BEiT, MAE fine-tuning): the head and final norm train at ``lr``, block ``i`` of
 ``L`` at ``lr * decay**(L - i)``, the patch/position embeddings at ``lr * decay**(L + 1)``, so the
-lower layers that pretraining made most general move least. LoRA (`add_lora`) freezes the encoder,
+lower layers that pretraining made most general move least. LoRA (`histomim.lora.add_lora`) freezes the encoder,
 adds low-rank updates to the attention ``qkv`` and ``proj`` linears and trains the classifier in
 full (``modules_to_save``); `save_pretrained` then writes only the adapter, which
 ``PeftModel.from_pretrained(base, folder)`` restores exactly.
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..lora import add_lora
 
 LORA_TARGETS = ("qkv", "proj")  # the attention linears of every HistoMIMBlock (MLP linears are fc1/fc2)
 
@@ -52,16 +54,6 @@ def layer_decay_param_groups(model, lr: float, layer_decay: float, weight_decay:
         })  # fmt: skip
         group["params"].append(parameter)
     return [groups[key] for key in sorted(groups)]
-
-
-def add_lora(model, rank: int = 8, alpha: int | None = None, dropout: float = 0.0):
-    """Wrap a `HistoMIMForImageClassification` with LoRA on the attention ``qkv``/``proj`` linears; the
-    classifier is trained and saved in full. Returns the `peft.PeftModel`."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout, target_modules=list(LORA_TARGETS),
-                        modules_to_save=["classifier"])  # fmt: skip
-    return get_peft_model(model, config)
 
 
 def classifier_from_encoder(model_or_path, class_names: list[str]):
@@ -142,7 +134,10 @@ def finetune(model, train_pixels: torch.Tensor, train_labels: torch.Tensor, sett
     accelerator = Accelerator(cpu=settings.cpu, mixed_precision=settings.mixed_precision)
     torch.manual_seed(settings.seed)
     if settings.lora_rank:
-        model = add_lora(model, settings.lora_rank, settings.lora_alpha)
+        model = add_lora(
+            model, r=settings.lora_rank, lora_alpha=settings.lora_alpha or 2 * settings.lora_rank,
+            target_modules=LORA_TARGETS, trainable_modules=["classifier"],
+        )  # fmt: skip
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": settings.weight_decay}]
     else:
         groups = layer_decay_param_groups(model, settings.lr, settings.layer_decay, settings.weight_decay)
@@ -192,5 +187,5 @@ def evaluate_classifier(model, pixels: torch.Tensor, labels: torch.Tensor, num_c
     return score(labels.numpy(), predict_probabilities(model.eval(), pixels), num_classes)
 
 
-__all__ = ["layer_decay_param_groups", "layer_id", "add_lora", "classifier_from_encoder", "finetune",
+__all__ = ["layer_decay_param_groups", "layer_id", "classifier_from_encoder", "finetune",
            "FinetuneSettings", "FinetuneResult", "evaluate_classifier", "predict_probabilities", "LORA_TARGETS"]  # fmt: skip

@@ -1,8 +1,8 @@
 """LoRA fine-tuning: PEFT adapters on the attention projections of a model (e.g. the HistoMIM ViT inside a
 fusion model), everything else frozen except the modules named as trainable.
 
-A training-time tool, not part of the saved model: the fusion model files ship as remote code and stay
-free of peft.
+A training-time tool shared by fine-tuning (`histomim.training.finetune`) and the survival estimator, not
+part of the saved models: the model files ship as remote code and stay free of peft.
 """
 
 from __future__ import annotations
