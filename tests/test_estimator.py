@@ -116,6 +116,51 @@ def test_bad_inputs_raise_clear_errors(split):
         SurvivalEstimator().predict(X_test)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("event", 0.5, r"event field 'event' of y must hold booleans or 0/1, got 0.5 at index 3"),
+        ("event", 2.0, r"event field 'event' of y must hold booleans or 0/1, got 2.0 at index 3"),
+        ("time", np.nan, r"time field 'time' of y has a missing \(NaN\) time at index 3"),
+        ("time", -2.0, r"time field 'time' of y has a negative time at index 3"),
+        ("time", np.inf, r"time field 'time' of y has an infinite time at index 3"),
+    ],
+)
+def test_fit_validates_outcomes_as_strictly_as_sksurv(split, field, value, message):
+    X_train, y_train, _, _ = split
+    y = y_train.astype([("event", float), ("time", float)])
+    y[field][3] = value
+    with pytest.raises(ValueError, match=message):
+        SurvivalEstimator(**FAST).fit(X_train, y)
+
+
+def test_fit_refuses_a_single_patient(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(ValueError, match=r"y holds 1 patient\(s\); fitting a survival model needs at least 2"):
+        SurvivalEstimator(**FAST, head="cox").fit(X_train.iloc[:1], y_train[:1])
+
+
+def test_numbers_given_as_text_are_parsed_not_one_hot_encoded(fitted, split):
+    X_train, y_train, X_test, _ = split
+
+    def as_text(X):
+        return X.astype({"age": str, "size": str})  # e.g. a CSV column that pandas read as text
+
+    numeric = fitted["discrete"]
+    text = SurvivalEstimator(**FAST).fit(as_text(X_train), y_train)
+    assert text.model_.config.genomic_feature_names == numeric.model_.config.genomic_feature_names
+    np.testing.assert_array_equal(text.predict(as_text(X_test)), numeric.predict(X_test))
+
+    mixed = as_text(X_train)
+    mixed.loc[mixed.index[4], "size"] = "n/a"
+    with pytest.raises(ValueError, match=rf"column 'size' mixes numbers and text: .*'n/a' at row {mixed.index[4]}"):
+        SurvivalEstimator(**FAST).fit(mixed, y_train)
+    mixed = as_text(X_test)
+    mixed.loc[mixed.index[0], "size"] = "unknown"
+    with pytest.raises(ValueError, match=rf"column 'size' mixes numbers and text: .*'unknown' at row {mixed.index[0]}"):
+        text.predict(mixed)
+
+
 def test_cross_val_score_and_grid_search_with_sksurv_scorers(cohort):
     from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
     from sksurv.metrics import (

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .curves import BreslowBaseline, discrete_survival_at
-from .labels import bin_index, split_survival, time_bins
+from .labels import _plain, bin_index, split_survival, time_bins
 
 # How the linear path on the tabular covariates is used, in order of preference under the one-standard-error
 # rule of linear="auto": the elastic-net Cox alone, the Cox plus the network on top, the network alone.
@@ -36,20 +36,64 @@ LINEAR_MODES = ("only", "both", "none")
 
 
 def make_tabular_encoder():
-    """Numeric columns: median-impute + standardize. Other columns: one-hot, unseen categories -> all zeros."""
+    """Numeric columns: median-impute + standardize. Other columns: one-hot, unseen categories -> all zeros.
+
+    Text columns that hold numbers (``"1.5"``, ``"2"``) are parsed first (:func:`numbers_from_text`), so a
+    gene read as text is standardized like the others, never one-hot encoded level by level.
+    """
     from sklearn.compose import make_column_selector, make_column_transformer
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-    return make_column_transformer(
-        (
-            make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
-            make_column_selector(dtype_include="number"),
+    return make_pipeline(
+        FunctionTransformer(numbers_from_text, feature_names_out="one-to-one"),
+        make_column_transformer(
+            (
+                make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
+                make_column_selector(dtype_include="number"),
+            ),
+            (OneHotEncoder(handle_unknown="ignore", sparse_output=False), make_column_selector(dtype_exclude="number")),
+            verbose_feature_names_out=False,
         ),
-        (OneHotEncoder(handle_unknown="ignore", sparse_output=False), make_column_selector(dtype_exclude="number")),
-        verbose_feature_names_out=False,
     )
+
+
+def numbers_from_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text columns whose every value is a number -> float columns; text columns mixing numbers and words -> an error.
+
+    A column of only words stays categorical. Mixed ones (``"1.5"`` beside ``"n/a"``) are refused, naming the
+    column and rows, because neither reading is safe: as categories every number would be its own level, as
+    numbers the words would silently become missing values.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        return frame
+    parsed = {}
+    for column in frame.columns:
+        values = frame[column]
+        if isinstance(values.dtype, pd.CategoricalDtype) or not (
+            pd.api.types.is_object_dtype(values) or pd.api.types.is_string_dtype(values)
+        ):
+            continue
+        numbers = pd.to_numeric(values.astype(object), errors="coerce")
+        present, is_number = values.notna().to_numpy(), numbers.notna().to_numpy()
+        if not is_number.any():
+            continue  # categories
+        words = present & ~is_number
+        if words.any():
+            number, word = np.flatnonzero(is_number)[0], np.flatnonzero(words)[0]
+            raise ValueError(
+                f"column {column!r} mixes numbers and text: {values.iloc[number]!r} at row {_plain(values.index[number])!r}, "
+                f"{values.iloc[word]!r} at row {_plain(values.index[word])!r} ({int(words.sum())} text value(s)); give it as "
+                "numbers (empty cells for missing values) or as categories, not both"
+            )
+        parsed[column] = numbers.astype(float)
+    if not parsed:
+        return frame
+    frame = frame.copy()
+    for column, numbers in parsed.items():
+        frame[column] = numbers
+    return frame
 
 
 @contextmanager
@@ -391,6 +435,8 @@ class SurvivalEstimator(BaseEstimator):
         frame = self._as_frame(X)
         if len(frame) != len(event):
             raise ValueError(f"X has {len(frame)} rows but y has {len(event)} outcomes")
+        if len(event) < 2:
+            raise ValueError(f"y holds {len(event)} patient(s); fitting a survival model needs at least 2")
         if not event.any():
             raise ValueError("y has no events; a survival model cannot be fitted")
         if self.head not in ("cox", "discrete"):
