@@ -82,9 +82,10 @@ def numbers_from_text(frame: pd.DataFrame) -> pd.DataFrame:
         words = present & ~is_number
         if words.any():
             number, word = np.flatnonzero(is_number)[0], np.flatnonzero(words)[0]
+            number_row, word_row = _plain(values.index[number]), _plain(values.index[word])
             raise ValueError(
-                f"column {column!r} mixes numbers and text: {values.iloc[number]!r} at row {_plain(values.index[number])!r}, "
-                f"{values.iloc[word]!r} at row {_plain(values.index[word])!r} ({int(words.sum())} text value(s)); give it as "
+                f"column {column!r} mixes numbers and text: {values.iloc[number]!r} at row {number_row!r}, "
+                f"{values.iloc[word]!r} at row {word_row!r} ({int(words.sum())} text value(s)); give it as "
                 "numbers (empty cells for missing values) or as categories, not both"
             )
         parsed[column] = numbers.astype(float)
@@ -121,6 +122,18 @@ def _pad_bags(bags: Sequence[Tensor | None], feature_dim: int) -> tuple[Tensor, 
         if bag is not None:
             features[row, : len(bag)], mask[row, : len(bag)] = bag, True
     return features, mask
+
+
+def _nonfinite_cause(model, outputs) -> str:
+    """What made a loss non-finite: a weight (an earlier update diverged) or the model's outputs for this batch."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            return f"the weights {name!r} are no longer finite (an earlier update diverged)"
+    for name in ("risk", "logits"):
+        value = getattr(outputs, name)
+        if value is not None and not torch.isfinite(value).all():
+            return f"the model's {name} are non-finite for {int((~torch.isfinite(value)).any(-1).sum())} patient(s)"
+    return "the weights and outputs are finite, the loss itself overflowed"
 
 
 class SurvivalEstimator(BaseEstimator):
@@ -285,11 +298,20 @@ class SurvivalEstimator(BaseEstimator):
         if self.histology_col is not None:
             from ..features import load_tile_features
 
+            # the width D is the fitted model's, or at fit time the first file's; a file of another width is named
+            width = None if fit else self.models_[0].config.histology_feature_dim
             bags = []
             for row, cell in frame[self.histology_col].items():
-                files = _as_list(cell)
-                with _naming_cell(self.histology_col, row):
-                    bags.append(torch.cat([load_tile_features(f) for f in files]) if files else None)  # (N_i, D)
+                slides = []
+                for file in _as_list(cell):
+                    with _naming_cell(self.histology_col, row):
+                        features = load_tile_features(file)  # (N_s, D)
+                        width = width or features.shape[1]
+                        if features.shape[1] != width:
+                            what = "the model was fitted on" if not fit else "earlier files hold"
+                            raise ValueError(f"{file}: tile features are {features.shape[1]} wide, {what} {width}")
+                    slides.append(features)
+                bags.append(torch.cat(slides) if slides else None)  # (N_i, D)
             inputs["histology"] = bags
         if self.radiology_col is not None:
             from ..data.radiology import load_scan
@@ -410,13 +432,19 @@ class SurvivalEstimator(BaseEstimator):
         batch_size = num_rows if self.batch_size is None else self.batch_size
         history = []
         model.train()
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
             order = torch.randperm(num_rows, generator=generator).numpy()
             epoch_loss = 0.0
-            for start in range(0, num_rows, batch_size):
+            for step, start in enumerate(range(0, num_rows, batch_size)):
                 rows = order[start : start + batch_size]
                 batch_labels = {name: value[rows].to(self.device) for name, value in labels.items()}
-                loss = model(**self._batch(inputs, rows), **batch_labels).loss
+                outputs = model(**self._batch(inputs, rows), **batch_labels)
+                loss = outputs.loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"survival loss is {loss.item()} at epoch {epoch + 1}/{self.epochs}, step {step + 1}: "
+                        f"{_nonfinite_cause(model, outputs)}; lower learning_rate (now {self.learning_rate:g})"
+                    )
                 epoch_loss += loss.item() * len(rows) / num_rows
                 for weight in lasso_weights:
                     loss = loss + self.group_lasso * weight.norm(dim=0).sum()

@@ -54,10 +54,10 @@ def refuse_repeated_ids(df: pd.DataFrame, features: Sequence[str]) -> None:
             value = values[repeated].iloc[0]
             rows = values.index[(values == value).to_numpy()][:2].tolist()
             raise ValueError(
-                f"column {column!r} repeats the id {_plain(value)!r} (rows {rows[0]!r} and {rows[1]!r}): the table looks like "
-                "one row per slide, and without a patient column a patient's slides would be split across folds "
-                f"(patient-level leakage). Pass --patient-col {column} (load_study(patient_col={column!r})) so that "
-                "they are collapsed into one patient"
+                f"column {column!r} repeats the id {_plain(value)!r} (rows {rows[0]!r} and {rows[1]!r}): the table "
+                "looks like one row per slide, and without a patient column a patient's slides would be split "
+                f"across folds (patient-level leakage). Pass --patient-col {column} (load_study(patient_col="
+                f"{column!r})) so that they are collapsed into one patient"
             )
 
 
