@@ -118,23 +118,34 @@ def load_tile_features(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tile feature file not found: {path}")
-    if path.suffix == ".npy":
-        features = torch.from_numpy(np.load(path, allow_pickle=False))
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        if "features" in tensors:
-            features = tensors["features"]
-        elif len(tensors) == 1:
-            features = next(iter(tensors.values()))
-        else:
-            raise ValueError(f"{path}: expected a 'features' tensor or a single tensor, found {sorted(tensors)}")
-    else:
+    if path.suffix not in TILE_FEATURE_SUFFIXES:
         raise ValueError(f"{path}: tile features must be one of {TILE_FEATURE_SUFFIXES}")
+    try:
+        if path.suffix == ".npy":
+            tensors = {"features": torch.from_numpy(np.load(path, allow_pickle=False))}
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+    except Exception as error:  # numpy and safetensors raise many types for damaged or foreign files
+        raise ValueError(f"{path}: cannot read tile features: {type(error).__name__}: {error}") from error
+    if "features" in tensors:
+        features = tensors["features"]
+    elif len(tensors) == 1:
+        features = next(iter(tensors.values()))
+    else:
+        raise ValueError(f"{path}: expected a 'features' tensor or a single tensor, found {sorted(tensors)}")
     if features.ndim != 2:
         raise ValueError(f"{path}: tile features must have shape (N, D), got {tuple(features.shape)}")
-    return features.float()
+    features = features.float()
+    # one NaN tile would turn its patient's attention pooling, and through training every risk, into NaN
+    bad_tiles = torch.nonzero(~torch.isfinite(features).all(dim=1)).flatten()  # (n_bad,)
+    if len(bad_tiles):
+        more = f" (and {len(bad_tiles) - 1} more tile(s))" if len(bad_tiles) > 1 else ""
+        tile = int(bad_tiles[0])
+        where = f" at level-0 (x, y) {tuple(tensors['coords'][tile].tolist())}" if "coords" in tensors else ""
+        raise ValueError(f"{path}: tile {tile}{where} has non-finite features (NaN or inf){more}")
+    return features
 
 
 __all__ = ["extract_features", "load_tile_features", "load_encoder", "TILE_FEATURE_SUFFIXES"]

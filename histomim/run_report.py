@@ -64,8 +64,9 @@ def run_summary(
         "mixed_precision": accelerator.mixed_precision,
         "hardware": hardware_summary(accelerator),
         "elapsed_seconds": elapsed,
-        **losses,
+        **losses,  # training losses, each taken before its step's update
         "losses": list(state.losses),
+        "config_changes": list(state.config_changes),  # resumes with --allow-config-change
         "versions": {
             "histomim": __version__,
             "torch": torch.__version__,
@@ -112,6 +113,13 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "first_loss": f"{summary['first_loss']:.4f}",
         "final_loss": f"{summary['last_loss']:.4f}",
         "final_loss_mean": f"{summary['last_mean']:.4f}",
+        "saved_model_loss": f"{summary['saved_model_loss']:.4f}",
+        "saved_model_loss_tiles": summary["saved_model_loss_tiles"],
+        "config_changes": [
+            f"at step {c['step']} ({c['checkpoint']}): "
+            + ", ".join(f"{name} {old} -> {new}" for name, (old, new) in c["changes"].items())
+            for c in summary["config_changes"]
+        ],
         "loss_window": summary["window"],
         "hardware": summary["hardware"],
         "duration": format_duration(summary["elapsed_seconds"]),
@@ -178,7 +186,8 @@ def print_loss_summary(summary: dict[str, Any], output_dir: Path) -> None:
     first, last, window = summary["first_mean"], summary["last_mean"], summary["window"]
     print(
         f"\nloss: {summary['first_loss']:.4f} at step 1 -> {summary['last_loss']:.4f} at step {summary['steps']} "
-        f"(mean of the first / last {window} steps: {first:.4f} -> {last:.4f}, {summary['relative_change']:+.1%})\n"
+        f"(mean of the first / last {window} steps: {first:.4f} -> {last:.4f}, {summary['relative_change']:+.1%}); "
+        f"the saved weights, reloaded: {summary['saved_model_loss']:.4f} on {summary['saved_model_loss_tiles']} fixed tiles\n"
         f"model, card and plots saved to {output_dir} in {format_duration(summary['elapsed_seconds'])}",
         file=sys.stdout,
         flush=True,

@@ -1,6 +1,8 @@
 """SurvivalEstimator on the real breast-cancer cohort: sklearn/sksurv compatibility, survival functions,
 determinism, categorical encoding, and the histology/radiology columns of the fusion model."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -116,6 +118,51 @@ def test_bad_inputs_raise_clear_errors(split):
         SurvivalEstimator().predict(X_test)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("event", 0.5, r"event field 'event' of y must hold booleans or 0/1, got 0.5 at index 3"),
+        ("event", 2.0, r"event field 'event' of y must hold booleans or 0/1, got 2.0 at index 3"),
+        ("time", np.nan, r"time field 'time' of y has a missing \(NaN\) time at index 3"),
+        ("time", -2.0, r"time field 'time' of y has a negative time at index 3"),
+        ("time", np.inf, r"time field 'time' of y has an infinite time at index 3"),
+    ],
+)
+def test_fit_validates_outcomes_as_strictly_as_sksurv(split, field, value, message):
+    X_train, y_train, _, _ = split
+    y = y_train.astype([("event", float), ("time", float)])
+    y[field][3] = value
+    with pytest.raises(ValueError, match=message):
+        SurvivalEstimator(**FAST).fit(X_train, y)
+
+
+def test_fit_refuses_a_single_patient(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(ValueError, match=r"y holds 1 patient\(s\); fitting a survival model needs at least 2"):
+        SurvivalEstimator(**FAST, head="cox").fit(X_train.iloc[:1], y_train[:1])
+
+
+def test_numbers_given_as_text_are_parsed_not_one_hot_encoded(fitted, split):
+    X_train, y_train, X_test, _ = split
+
+    def as_text(X):
+        return X.astype({"age": str, "size": str})  # e.g. a CSV column that pandas read as text
+
+    numeric = fitted["discrete"]
+    text = SurvivalEstimator(**FAST).fit(as_text(X_train), y_train)
+    assert text.model_.config.genomic_feature_names == numeric.model_.config.genomic_feature_names
+    np.testing.assert_array_equal(text.predict(as_text(X_test)), numeric.predict(X_test))
+
+    mixed = as_text(X_train)
+    mixed.loc[mixed.index[4], "size"] = "n/a"
+    with pytest.raises(ValueError, match=rf"column 'size' mixes numbers and text: .*'n/a' at row {mixed.index[4]}"):
+        SurvivalEstimator(**FAST).fit(mixed, y_train)
+    mixed = as_text(X_test)
+    mixed.loc[mixed.index[0], "size"] = "unknown"
+    with pytest.raises(ValueError, match=rf"column 'size' mixes numbers and text: .*'unknown' at row {mixed.index[0]}"):
+        text.predict(mixed)
+
+
 def test_cross_val_score_and_grid_search_with_sksurv_scorers(cohort):
     from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
     from sksurv.metrics import (
@@ -194,6 +241,49 @@ def test_histology_and_radiology_columns_feed_the_fusion_model(tmp_path, cohort)
     (tmp_path / "not-a-scan.dcm").write_bytes(b"not a DICOM file")
     with pytest.raises(ValueError, match=rf"column 'ct', row {broken.index[6]!r}: .*not-a-scan\.dcm"):
         model.predict(broken)
+
+
+def test_bad_tile_feature_files_are_named_instead_of_turning_risks_into_nan(tmp_path, cohort):
+    X, y = cohort
+    X, y = X.iloc[:40][["age", "size"]].copy(), y[:40]
+    X["slides"] = _tile_features(tmp_path, X, np.random.default_rng(0))
+    settings = dict(histology_col="slides", epochs=2, random_state=0, linear="none")
+    patient = X.index[2]
+    path = tmp_path / f"{patient}.npy"
+    good = np.load(path)
+    np.save(path, np.where(np.arange(len(good))[:, None] == 1, np.nan, good))  # tile 1 is NaN
+    with pytest.raises(ValueError, match=rf"column 'slides', row {patient}: .*{patient}\.npy: tile 1 has non-finite"):
+        SurvivalEstimator(**settings).fit(X, y)
+    np.save(path, good)
+    model = SurvivalEstimator(**settings).fit(X, y)
+    assert np.isfinite(model.predict(X)).all()
+
+    # predict: tiles of another encoder (another width), a torn .npy and a file that is not safetensors
+    np.save(tmp_path / "wide.npy", np.ones((4, 5), dtype=np.float32))
+    (tmp_path / "torn.npy").write_bytes(path.read_bytes()[:100])
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    for name, message in [
+        ("wide.npy", "tile features are 5 wide, the model was fitted on 8"),
+        ("torn.npy", "cannot read tile features"),
+        ("junk.safetensors", "cannot read tile features"),
+    ]:
+        broken = X.copy()
+        broken.loc[patient, "slides"] = str(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"column 'slides', row {patient}: .*{re.escape(name)}: {message}"):
+            model.predict(broken)
+    broken.loc[patient, "slides"] = str(tmp_path / "wide.npy")
+    with pytest.raises(ValueError, match=r"wide\.npy: tile features are 5 wide, earlier files hold 8"):
+        SurvivalEstimator(**settings).fit(broken, y)
+
+
+def test_a_diverging_fit_stops_naming_the_epoch_and_what_went_non_finite(split):
+    X_train, y_train, _, _ = split
+    with pytest.raises(
+        FloatingPointError,
+        match=r"survival loss is nan at epoch 2/5, step 1: the weights '.+' are no longer finite "
+        r".*learning_rate \(now inf\)",
+    ):
+        SurvivalEstimator(epochs=5, learning_rate=float("inf"), random_state=0, linear="none").fit(X_train, y_train)
 
 
 @pytest.mark.parametrize("head", ["cox", "discrete"])

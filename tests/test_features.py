@@ -60,6 +60,20 @@ def test_load_tile_features_formats_and_errors(tmp_path):
         extract_features(HistoMIMModel(tiny_config()), tmp_path / "nothing", tmp_path / "f")
 
 
+def test_a_non_finite_tile_or_an_unreadable_file_is_named(tmp_path):
+    """One NaN tile would make its patient's attention pooling NaN: the file, tile and its coordinates are named."""
+    features = torch.randn(6, 8)
+    features[4, 2], features[5, 0] = float("nan"), float("inf")
+    coords = torch.arange(12, dtype=torch.int64).reshape(6, 2) * 224
+    save_file({"features": features, "coords": coords}, str(tmp_path / "slide.safetensors"))
+    message = r"slide\.safetensors: tile 4 at level-0 \(x, y\) \(1792, 2016\) has non-finite .* \(and 1 more tile"
+    with pytest.raises(ValueError, match=message):
+        load_tile_features(tmp_path / "slide.safetensors")
+    (tmp_path / "torn.safetensors").write_bytes((tmp_path / "slide.safetensors").read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"torn\.safetensors: cannot read tile features"):
+        load_tile_features(tmp_path / "torn.safetensors")
+
+
 def test_features_of_a_non_square_tile_match_the_model_card_snippet(tiled, tmp_path, monkeypatch):
     """extract_features and `AutoImageProcessor` + `AutoModel` (the model card) preprocess alike: a wide tile
     is resized whole, not centre-cropped by one route and squashed by the other."""

@@ -425,3 +425,150 @@ def test_a_latest_pointer_to_another_runs_checkpoint_is_refused(uninterrupted, t
             latest_checkpoint(output_dir / "checkpoints")
     pointer.write_text(other_run.name + "\n")
     assert latest_checkpoint(output_dir / "checkpoints") == output_dir / "checkpoints" / other_run.name
+
+
+# -- weights checked, settings compared, full disks --------------------------------------------------
+
+
+def _resume_from_copy(reference_args, checkpoints: Path, output_dir: Path, **overrides) -> PretrainArguments:
+    """Resume a copy of the uninterrupted run's checkpoints, on its tiles (no retiling)."""
+    shutil.copytree(checkpoints, output_dir / "checkpoints")
+    tiles = Path(reference_args.output_dir) / "tiles" / "1mpp-64px"
+    settings = dict(output_dir=str(output_dir), data=[str(tiles)], demo=False, resume_from_checkpoint="latest")
+    return replace(reference_args, **{**settings, **overrides})
+
+
+def test_the_summary_loss_is_that_of_the_saved_weights(uninterrupted):
+    """The last step's loss is taken before its update; the loss of record is the saved file's, reloaded."""
+    from histomim.training.common import seeded_generator
+    from histomim.training.pretrain import VISUALIZATION_KEY, visualization_batch
+
+    args, result = uninterrupted
+    output_dir = Path(args.output_dir)
+    saved = HistoMIMForPreTraining.from_pretrained(output_dir).eval()
+    tiles = visualization_batch(result.summary["data"]["source"], saved.config)
+    noise = torch.rand(saved.config.mask_noise_shape(len(tiles)), generator=seeded_generator(args.seed, VISUALIZATION_KEY))
+    with torch.no_grad():
+        expected = float(saved(pixel_values=tiles, noise=noise).loss)
+    summary = json.loads((output_dir / "pretrain_summary.json").read_text())
+    assert summary["saved_model_loss"] == pytest.approx(expected, abs=1e-6) and summary["saved_model_loss_tiles"] == 6
+    assert f"the saved weights, reloaded: {expected:.4f} on 6 fixed tiles" in (output_dir / "README.md").read_text()
+
+
+def test_a_checkpoint_with_a_non_finite_tensor_is_refused_naming_it(uninterrupted, tmp_path):
+    """A flipped bit that makes a weight or an Adam moment NaN: named on resume, not blamed on the learning rate."""
+    from safetensors.torch import save_file
+
+    reference_args, _ = uninterrupted
+    args = _resume_from_copy(reference_args, Path(reference_args.output_dir) / "checkpoints", tmp_path / "run")
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    weights = load_file(checkpoint / "model.safetensors")
+    name = next(n for n, t in weights.items() if n.endswith("blocks.1.attn.qkv.weight"))
+    original = weights[name].clone()
+    weights[name].view(-1)[7] = float("nan")
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(checkpoint))} \(model 0\) is damaged: tensor '{name}'"):
+        pretrain(args)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    weights[name] = original
+    save_file(weights, str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    optimizer["state"][0]["exp_avg_sq"].view(-1)[0] = float("inf")
+    torch.save(optimizer, checkpoint / "optimizer.bin")
+    with pytest.raises(CheckpointError, match=r"\(optimizer 0\) is damaged: tensor 'param 0.exp_avg_sq'"):
+        pretrain(args)
+
+
+def test_resuming_with_other_settings_is_refused_unless_allowed_and_then_recorded(uninterrupted, tmp_path):
+    reference_args, _ = uninterrupted
+    checkpoints = Path(reference_args.output_dir) / "checkpoints"
+    saved = json.loads((checkpoints / "step_00000006" / "training_state.json").read_text())["settings"]
+    assert saved == {"mask_ratio": 0.75, "seed": 0, "batch_size": 32, "grad_accum": 1, "objective": "mae",
+                     "image_size": 64}  # fmt: skip
+    args = _resume_from_copy(reference_args, checkpoints, tmp_path / "run", mask_ratio=0.5, seed=1,
+                             resume_from_checkpoint=str(tmp_path / "run" / "checkpoints" / "step_00000006"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"other settings .*--mask-ratio 0.75 -> 0.5, --seed 0 -> 1.*--allow-config-change"):
+        pretrain(args)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    result = pretrain(replace(args, allow_config_change=True))
+    change = {"step": 6, "checkpoint": "step_00000006", "changes": {"mask_ratio": [0.75, 0.5], "seed": [0, 1]}}
+    assert result.summary["config_changes"] == [change] and len(result.losses) == 8
+    assert result.model.config.mask_ratio == 0.5
+    final = json.loads((tmp_path / "run" / "checkpoints" / "step_00000008" / "training_state.json").read_text())
+    assert final["config_changes"] == [change] and final["settings"]["seed"] == 1  # kept for later resumes
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "Resumed with changed settings | at step 6 (step_00000006): mask_ratio 0.75 -> 0.5, seed 0 -> 1" in card
+
+
+def _diverging_last_update(monkeypatch, at_step: int) -> list[str]:
+    """Make the optimizer's update number ``at_step`` write a NaN into the first weight (a diverged update)."""
+    from histomim.training import pretrain as pretrain_module
+
+    poisoned = []
+
+    def make_diverging_adamw(model, *args, **kwargs):
+        optimizer = make_adamw(model, *args, **kwargs)
+        updates = []
+
+        def diverge(optimizer, step_args, step_kwargs) -> None:
+            updates.append(1)
+            if len(updates) == at_step:
+                name, weight = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
+                with torch.no_grad():
+                    weight.view(-1)[0] = float("nan")
+                poisoned.append(name)
+
+        optimizer.register_step_post_hook(diverge)
+        return optimizer
+
+    from histomim.training.common import make_adamw
+
+    monkeypatch.setattr(pretrain_module, "make_adamw", make_diverging_adamw)
+    return poisoned
+
+
+def test_non_finite_weights_are_never_saved_as_checkpoint_or_model(uninterrupted, tmp_path, monkeypatch):
+    """The last update diverging leaves a finite last loss (taken before it): the weights are checked at every save."""
+    reference_args, _ = uninterrupted
+    tiles = Path(reference_args.output_dir) / "tiles" / "1mpp-64px"
+    run = replace(reference_args, data=[str(tiles)], demo=False, max_steps=2)
+    poisoned = _diverging_last_update(monkeypatch, at_step=2)
+    with pytest.raises(FloatingPointError, match=r"not saving the checkpoint of step 2 .*`latest` stays on the previous one: tensor '.+' holds NaN"):
+        pretrain(replace(run, output_dir=str(tmp_path / "a"), checkpointing_steps=1))
+    assert poisoned and (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert not (tmp_path / "a" / "checkpoints" / "step_00000002").exists()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    with pytest.raises(FloatingPointError, match=rf"not saving the final model to .*tensor '{re.escape(poisoned[0])}'"):
+        pretrain(replace(run, output_dir=str(tmp_path / "b"), checkpointing_steps=0))
+    assert not list((tmp_path / "b").glob("*.safetensors")) and not (tmp_path / "b" / "pretrain_summary.json").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_save_keeps_latest_and_removes_the_partial_folder(tmp_path, monkeypatch):
+    import errno
+
+    import accelerate.utils.other
+    from accelerate import Accelerator
+
+    from histomim.training.common import load_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = torch.nn.Linear(4, 2), None
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpoints = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, checkpoints, 1, {})
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 64)  # the start of the file made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", full_disk)
+    target = re.escape(str(checkpoints / "step_00000002"))
+    with pytest.raises(OSError, match=rf"no space left on device while saving checkpoint {target} .*still names step_00000001"):
+        save_checkpoint(accelerator, checkpoints, 2, {})
+    assert (checkpoints / "latest").read_text().strip() == "step_00000001"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001"]  # no partial folder left
+    assert load_checkpoint(accelerator, latest_checkpoint(checkpoints))["step"] == 1

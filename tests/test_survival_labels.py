@@ -76,6 +76,27 @@ def test_bad_outcomes_name_column_and_row(cohort, column, value, message):
         survival_array(table, "time", event_col="event")
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("e.tdm", 0.5, r"event field 'e.tdm' of y must hold booleans or 0/1, got 0.5 at index 5"),
+        ("e.tdm", 2.0, r"event field 'e.tdm' of y must hold booleans or 0/1, got 2.0 at index 5"),
+        ("e.tdm", np.nan, r"event field 'e.tdm' of y must hold booleans or 0/1, got nan at index 5"),
+        ("t.tdm", np.nan, r"time field 't.tdm' of y has a missing \(NaN\) time at index 5"),
+        ("t.tdm", -1.0, r"time field 't.tdm' of y has a negative time at index 5"),
+        ("t.tdm", np.inf, r"time field 't.tdm' of y has an infinite time at index 5"),
+    ],
+)
+def test_sksurv_arrays_with_bad_outcomes_are_refused_naming_field_and_index(cohort, field, value, message):
+    """Float event fields are not cast: 0.5 or 2.0 would silently become events."""
+    _, y = cohort
+    labels = y.astype([("e.tdm", float), ("t.tdm", float)])
+    np.testing.assert_array_equal(split_survival(labels)[0], y["e.tdm"])  # float 0/1 events are fine
+    labels[field][5] = value
+    with pytest.raises(ValueError, match=message):
+        split_survival(labels)
+
+
 def test_no_events_and_argument_errors(cohort):
     table = cohort[0]
     with pytest.raises(ValueError, match="no events.*'event'"):

@@ -87,6 +87,36 @@ def test_load_study_errors(study, tmp_path):
         load_study(missing, "days", censorship_col="censored", patient_col="case", slide_features_col="slide_path")
 
 
+def test_a_per_slide_table_without_patient_col_is_refused_naming_the_id_column(study):
+    """Without --patient-col every row is a patient: the two slides of P1 would land in different folds."""
+    slide_rows = dict(censorship_col="censored", slide_features_col="slide_path")
+    with pytest.raises(ValueError, match=r"column 'case' repeats the id 'P1' \(rows 1 and 2\).*--patient-col case"):
+        load_study(study, "days", **slide_rows)
+    with pytest.raises(ValueError, match="--patient-col case"):  # also when the ids are not among the features
+        load_study(study, "days", feature_prefix="X", **slide_rows)
+    # ids under a name that does not say so: a text column with more levels than half the rows
+    renamed = study.parent / "renamed.csv"
+    pd.read_csv(study).rename(columns={"case": "who"}).to_csv(renamed, index=False)
+    with pytest.raises(ValueError, match="column 'who' repeats the id 'P1'.*--patient-col who"):
+        load_study(renamed, "days", **slide_rows)
+    with pytest.raises(ValueError, match="--patient-col case"):
+        run_survival_cv(
+            SurvivalCVConfig(table=str(study), time_col="days", censorship_col="censored", output_dir=str(study.parent))
+        )
+    # one row per patient (first slides only) is what a table without a patient column must be
+    per_patient = study.parent / "per_patient.csv"
+    pd.read_csv(study).drop_duplicates("case").to_csv(per_patient, index=False)
+    X, y = load_study(per_patient, "days", feature_prefix="X", **slide_rows)
+    assert len(X) == len(y) == 60
+
+
+def test_a_study_of_one_patient_is_refused(study):
+    one = study.parent / "one_patient.csv"
+    pd.read_csv(study).query("case == 'P1'").to_csv(one, index=False)
+    with pytest.raises(ValueError, match=r"holds 1 patient\(s\) \(patient column 'case'\); survival needs at least 2"):
+        load_study(one, "days", censorship_col="censored", patient_col="case", slide_features_col="slide_path")
+
+
 def test_script_end_to_end_with_slides_and_baselines(study, tmp_path):
     out = tmp_path / "run"
     command = [

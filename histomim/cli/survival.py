@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> Surviv
     outcome.add_argument("--event-col", help="event column: 1/True = event observed (death, progression), 0 = censored")
     outcome.add_argument("--censorship-col", help="censorship column (PORPOISE convention): 1 = censored, 0 = event")
     data.add_argument(
-        "--patient-col", help="patient id column; slides of one patient are collapsed and never split across folds"
+        "--patient-col",
+        help="patient id column; slides of one patient are collapsed and never split across folds (required for a "
+        "table with one row per slide: without it, a table whose id column repeats is refused)",
     )
     features = data.add_mutually_exclusive_group()
     features.add_argument("--genomic-cols", nargs="+", help="tabular (genomic/clinical) feature columns")

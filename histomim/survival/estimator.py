@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .curves import BreslowBaseline, discrete_survival_at
-from .labels import bin_index, split_survival, time_bins
+from .labels import _plain, bin_index, split_survival, time_bins
 
 # How the linear path on the tabular covariates is used, in order of preference under the one-standard-error
 # rule of linear="auto": the elastic-net Cox alone, the Cox plus the network on top, the network alone.
@@ -40,20 +40,65 @@ LORA_FOLDER = "histology_lora"
 
 
 def make_tabular_encoder():
-    """Numeric columns: median-impute + standardize. Other columns: one-hot, unseen categories -> all zeros."""
+    """Numeric columns: median-impute + standardize. Other columns: one-hot, unseen categories -> all zeros.
+
+    Text columns that hold numbers (``"1.5"``, ``"2"``) are parsed first (:func:`numbers_from_text`), so a
+    gene read as text is standardized like the others, never one-hot encoded level by level.
+    """
     from sklearn.compose import make_column_selector, make_column_transformer
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-    return make_column_transformer(
-        (
-            make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
-            make_column_selector(dtype_include="number"),
+    return make_pipeline(
+        FunctionTransformer(numbers_from_text, feature_names_out="one-to-one"),
+        make_column_transformer(
+            (
+                make_pipeline(SimpleImputer(strategy="median"), StandardScaler()),
+                make_column_selector(dtype_include="number"),
+            ),
+            (OneHotEncoder(handle_unknown="ignore", sparse_output=False), make_column_selector(dtype_exclude="number")),
+            verbose_feature_names_out=False,
         ),
-        (OneHotEncoder(handle_unknown="ignore", sparse_output=False), make_column_selector(dtype_exclude="number")),
-        verbose_feature_names_out=False,
     )
+
+
+def numbers_from_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text columns whose every value is a number -> float columns; text columns mixing numbers and words -> an error.
+
+    A column of only words stays categorical. Mixed ones (``"1.5"`` beside ``"n/a"``) are refused, naming the
+    column and rows, because neither reading is safe: as categories every number would be its own level, as
+    numbers the words would silently become missing values.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        return frame
+    parsed = {}
+    for column in frame.columns:
+        values = frame[column]
+        if isinstance(values.dtype, pd.CategoricalDtype) or not (
+            pd.api.types.is_object_dtype(values) or pd.api.types.is_string_dtype(values)
+        ):
+            continue
+        numbers = pd.to_numeric(values.astype(object), errors="coerce")
+        present, is_number = values.notna().to_numpy(), numbers.notna().to_numpy()
+        if not is_number.any():
+            continue  # categories
+        words = present & ~is_number
+        if words.any():
+            number, word = np.flatnonzero(is_number)[0], np.flatnonzero(words)[0]
+            number_row, word_row = _plain(values.index[number]), _plain(values.index[word])
+            raise ValueError(
+                f"column {column!r} mixes numbers and text: {values.iloc[number]!r} at row {number_row!r}, "
+                f"{values.iloc[word]!r} at row {word_row!r} ({int(words.sum())} text value(s)); give it as "
+                "numbers (empty cells for missing values) or as categories, not both"
+            )
+        parsed[column] = numbers.astype(float)
+    if not parsed:
+        return frame
+    frame = frame.copy()
+    for column, numbers in parsed.items():
+        frame[column] = numbers
+    return frame
 
 
 @contextmanager
@@ -82,6 +127,18 @@ def _pad_bags(bags: Sequence[Tensor | None], item_shape: tuple[int, ...]) -> tup
         if bag is not None:
             features[row, : len(bag)], mask[row, : len(bag)] = bag, True
     return features, mask
+
+
+def _nonfinite_cause(model, outputs) -> str:
+    """What made a loss non-finite: a weight (an earlier update diverged) or the model's outputs for this batch."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            return f"the weights {name!r} are no longer finite (an earlier update diverged)"
+    for name in ("risk", "logits"):
+        value = getattr(outputs, name)
+        if value is not None and not torch.isfinite(value).all():
+            return f"the model's {name} are non-finite for {int((~torch.isfinite(value)).any(-1).sum())} patient(s)"
+    return "the weights and outputs are finite, the loss itself overflowed"
 
 
 class SurvivalEstimator(BaseEstimator):
@@ -265,12 +322,23 @@ class SurvivalEstimator(BaseEstimator):
             encoded[tabular.isna().all(axis=1).to_numpy()] = np.nan
             inputs["genomic"] = torch.from_numpy(encoded)
         if self.histology_col is not None:
+            # tile features: the width D is the fitted model's, or at fit time the first file's; a file of another
+            # width is named
+            features = self.histology_encoder is None
+            width = None if fit or not features else self.models_[0].config.histology_feature_dim
             bags = []
             for row, cell in frame[self.histology_col].items():
-                files = _as_list(cell)
-                with _naming_cell(self.histology_col, row):
-                    bags.append(torch.cat([self._histology_bag(f) for f in files]) if files else None)
-            inputs["histology"] = bags  # [(N_i, D) features or (N_i, C, H, W) tile pixels, or None]
+                slides = []
+                for file in _as_list(cell):
+                    with _naming_cell(self.histology_col, row):
+                        bag = self._histology_bag(file)  # (N_s, D) features or (N_s, C, H, W) tile pixels
+                        width = width or bag.shape[1]
+                        if features and bag.shape[1] != width:
+                            what = "the model was fitted on" if not fit else "earlier files hold"
+                            raise ValueError(f"{file}: tile features are {bag.shape[1]} wide, {what} {width}")
+                    slides.append(bag)
+                bags.append(torch.cat(slides) if slides else None)
+            inputs["histology"] = bags  # [(N_i, D) or (N_i, C, H, W), or None]
         if self.radiology_col is not None:
             from ..data.radiology import load_scan
 
@@ -462,13 +530,19 @@ class SurvivalEstimator(BaseEstimator):
         batch_size = num_rows if self.batch_size is None else self.batch_size
         history = []
         model.train()
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
             order = torch.randperm(num_rows, generator=generator).numpy()
             epoch_loss = 0.0
-            for start in range(0, num_rows, batch_size):
+            for step, start in enumerate(range(0, num_rows, batch_size)):
                 rows = order[start : start + batch_size]
                 batch_labels = {name: value[rows].to(self.device) for name, value in labels.items()}
-                loss = model(**self._batch(inputs, rows), **batch_labels).loss
+                outputs = model(**self._batch(inputs, rows), **batch_labels)
+                loss = outputs.loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"survival loss is {loss.item()} at epoch {epoch + 1}/{self.epochs}, step {step + 1}: "
+                        f"{_nonfinite_cause(model, outputs)}; lower learning_rate (now {self.learning_rate:g})"
+                    )
                 epoch_loss += loss.item() * len(rows) / num_rows
                 for weight in lasso_weights:
                     loss = loss + self.group_lasso * weight.norm(dim=0).sum()
@@ -487,6 +561,8 @@ class SurvivalEstimator(BaseEstimator):
         frame = self._as_frame(X)
         if len(frame) != len(event):
             raise ValueError(f"X has {len(frame)} rows but y has {len(event)} outcomes")
+        if len(event) < 2:
+            raise ValueError(f"y holds {len(event)} patient(s); fitting a survival model needs at least 2")
         if not event.any():
             raise ValueError("y has no events; a survival model cannot be fitted")
         if self.head not in ("cox", "discrete"):

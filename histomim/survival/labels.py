@@ -44,14 +44,19 @@ def validate_times(df: pd.DataFrame, time_col: str) -> np.ndarray:
         raise ValueError(
             f"time column {time_col!r} has a non-numeric value {_plain(df[time_col][not_numeric].iloc[0])!r} at {row}"
         )
-    for mask, what in (
-        (np.isnan(time), "a missing (NaN) time"),
-        (np.isinf(time), "an infinite time"),
-        (time < 0, "a negative time"),
-    ):
+    for mask, what in _time_problems(time):
         if mask.any():
             raise ValueError(f"time column {time_col!r} has {what} at {_first_bad_row(df, mask)}")
     return time
+
+
+def _time_problems(time: np.ndarray) -> list[tuple[np.ndarray, str]]:
+    """``(mask, what)`` of every kind of time no survival model can use, as sksurv rejects them."""
+    return [
+        (np.isnan(time), "a missing (NaN) time"),
+        (np.isinf(time), "an infinite time"),
+        (time < 0, "a negative time"),
+    ]
 
 
 def validate_binary(df: pd.DataFrame, column: str) -> np.ndarray:
@@ -102,14 +107,50 @@ def survival_from_arrays(event, time) -> np.ndarray:
 
 
 def split_survival(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(event bool, time float)`` from any sksurv structured array (its field names may differ, e.g. ``e.tdm``)."""
+    """``(event bool, time float)`` from any sksurv structured array (its field names may differ, e.g. ``e.tdm``).
+
+    Validated as scikit-survival validates ``y``: events must be booleans or 0/1 and times finite and
+    non-negative; a ``ValueError`` names the field and the first bad index otherwise.
+    """
     if getattr(y, "dtype", None) is None or y.dtype.names is None or len(y.dtype.names) != 2:
         raise ValueError(
             "`y` must be a structured array with an event (bool) and a time (float) field, e.g. from survival_array()"
         )
     event_name, time_name = y.dtype.names
     # contiguous copies: field views of a structured array are strided, which torch cannot wrap
-    return np.ascontiguousarray(y[event_name], dtype=bool), np.ascontiguousarray(y[time_name], dtype=float)
+    return _checked_events(y[event_name], event_name), _checked_times(y[time_name], time_name)
+
+
+def _first_bad_index(mask: np.ndarray) -> str:
+    indices = np.flatnonzero(mask)
+    more = f" (and {len(indices) - 1} more)" if len(indices) > 1 else ""
+    return f"index {indices[0]}{more}"
+
+
+def _checked_events(values: np.ndarray, field: str) -> np.ndarray:
+    """An event field as bool, refusing anything but booleans and 0/1: a cast would turn 0.5 or 2.0 into an event."""
+    if values.dtype == bool:
+        return np.ascontiguousarray(values)
+    numeric = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isin(numeric, (0.0, 1.0))
+    if bad.any():
+        raise ValueError(
+            f"event field {field!r} of y must hold booleans or 0/1, "
+            f"got {_plain(values[bad][0])!r} at {_first_bad_index(bad)}"
+        )
+    return numeric.astype(bool)
+
+
+def _checked_times(values: np.ndarray, field: str) -> np.ndarray:
+    """A time field as float, refusing non-numeric, NaN, infinite and negative times (naming the index)."""
+    try:
+        time = np.ascontiguousarray(values, dtype=float)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"time field {field!r} of y must hold numbers: {error}") from None
+    for mask, what in _time_problems(time):
+        if mask.any():
+            raise ValueError(f"time field {field!r} of y has {what} at {_first_bad_index(mask)}")
+    return time
 
 
 def time_bins(time: np.ndarray, event: np.ndarray, num_bins: int = 4) -> np.ndarray:

@@ -133,6 +133,12 @@ class PretrainArguments:
         help="Resume from a checkpoint folder, a checkpoints folder (its newest) or 'latest' (the newest in "
         "<output-dir>/checkpoints).",
     )
+    allow_config_change: bool = HfArg(
+        default=False,
+        help="With --resume-from-checkpoint: resume even if the mask ratio, seed, batch size, gradient accumulation, "
+        "objective or image size differ from the checkpoint's (default: refused, as the run would not continue the "
+        "same training); the changes are recorded in pretrain_summary.json and on the model card.",
+    )
     reconstruction_steps: int = HfArg(
         default=500,
         help="Save a PNG grid of original / masked / reconstruction every N steps and at the end; 0: only at the "
@@ -223,6 +229,7 @@ def with_demo_defaults(args: PretrainArguments) -> PretrainArguments:
 # resources, logging, checkpoints, publishing) apply to the demo as to any run.
 RUN_FIELDS = {
     "output_dir", "cpu", "num_workers", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+    "allow_config_change",
     "reconstruction_steps", "report_to", "push_to_hub", "hub_model_id", "public", "card_list_slides", "license",
     "license_name", "license_link", "dataset_ids", "gated_prompt", "gated_fields", "data", "demo",
 }  # fmt: skip

@@ -17,6 +17,7 @@ A save writes into ``.partial-<name>`` and only then renames it to ``<name>`` (o
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import re
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,22 @@ NO_DECAY_NAMES = ("cls_token", "mask_token", "register_tokens", "position_embedd
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found or loaded; the message names the path."""
+
+
+# -- finite weights --------------------------------------------------------------------------------
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def require_finite(tensors: Mapping[str, torch.Tensor], what: str, error: type[Exception] = FloatingPointError) -> None:
+    """Raise ``error`` naming the first non-finite tensor of ``tensors``; ``what`` says whose tensors they are."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise error(f"{what}: tensor {bad[0]!r}{more} holds NaN or inf")
 
 
 # -- seeding ---------------------------------------------------------------------------------------
@@ -118,6 +135,14 @@ def warmup_cosine_schedule(
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
+def checkpoint_settings(checkpoint: str | Path) -> dict | None:
+    """The run settings a checkpoint was saved with (``training_state.json``'s ``settings``), None if not recorded."""
+    try:
+        return json.loads((Path(checkpoint) / TRAINING_STATE_NAME).read_text()).get("settings")
+    except (OSError, ValueError):
+        return None  # load_checkpoint names what is wrong with the file
+
+
 def checkpoint_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:08d}"
 
@@ -155,11 +180,15 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # left over from a save that was killed
     accelerator.wait_for_everyone()
 
-    accelerator.save_state(str(partial), safe_serialization=True)
+    try:
+        accelerator.save_state(str(partial), safe_serialization=True)
+        if accelerator.is_main_process:
+            (partial / TRAINING_STATE_NAME).write_text(json.dumps({"step": step, **training_state}, indent=1) + "\n")
+    except OSError as error:
+        raise _failed_save(error, partial, final, checkpoints_dir) from error
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        (partial / TRAINING_STATE_NAME).write_text(json.dumps({"step": step, **training_state}, indent=1) + "\n")
         if final.exists():  # re-saving a step, e.g. after resuming from an older checkpoint
             stale = checkpoints_dir / (PARTIAL_PREFIX + "stale-" + name)
             shutil.rmtree(stale, ignore_errors=True)
@@ -176,6 +205,19 @@ def save_checkpoint(
                     shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _failed_save(error: OSError, partial: Path, final: Path, checkpoints_dir: Path) -> OSError:
+    """Remove the partial folder of a failed save and say what is left: ``latest`` was not touched."""
+    shutil.rmtree(partial, ignore_errors=True)
+    pointer = checkpoints_dir / LATEST_NAME
+    kept = f"{pointer} still names {pointer.read_text().strip()}" if pointer.is_file() else "no earlier checkpoint exists"
+    cause = "no space left on device" if error.errno == errno.ENOSPC else f"{type(error).__name__}: {error}"
+    message = (
+        f"{cause} while saving checkpoint {final} (written to {partial}, now removed; {kept}). "
+        f"Free space in {checkpoints_dir} and resume with --resume-from-checkpoint latest"
+    )
+    return OSError(error.errno, message) if error.errno is not None else OSError(message)
 
 
 def resolve_checkpoint(spec: str | Path, checkpoints_dir: str | Path) -> Path:
@@ -245,6 +287,14 @@ def load_checkpoint(accelerator, checkpoint: str | Path) -> dict:
         accelerator.load_state(str(checkpoint))
     except Exception as error:  # safetensors, pickle and torch raise many types for damaged files
         raise CheckpointError(f"cannot load checkpoint {checkpoint}: {type(error).__name__}: {error}") from error
+    # a flipped bit that yields NaN loads without complaint; training on would only blame the learning rate
+    for index, model in enumerate(accelerator._models):
+        weights = accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
+        require_finite(weights, f"checkpoint {checkpoint} (model {index}) is damaged", CheckpointError)
+    for index, optimizer in enumerate(accelerator._optimizers):
+        moments = {f"param {p}.{key}": value for p, state in optimizer.state_dict()["state"].items()
+                   for key, value in state.items() if isinstance(value, torch.Tensor)}  # fmt: skip
+        require_finite(moments, f"checkpoint {checkpoint} (optimizer {index}) is damaged", CheckpointError)
     return training_state
 
 
@@ -310,6 +360,9 @@ def jsonable(value: Any) -> Any:
 
 __all__ = [
     "CheckpointError",
+    "nonfinite_tensors",
+    "require_finite",
+    "checkpoint_settings",
     "derive_seed",
     "seeded_generator",
     "weight_decay_groups",

@@ -43,10 +43,12 @@ from ..run_report import card_info, print_loss_summary, public_summary, run_summ
 from .arguments import PretrainArguments, trackers, with_demo_defaults
 from .common import (
     ThroughputMeter,
+    checkpoint_settings,
     derive_seed,
     jsonable,
     load_checkpoint,
     make_adamw,
+    require_finite,
     resolve_checkpoint,
     save_checkpoint,
     seeded_generator,
@@ -78,6 +80,27 @@ class TrainingState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` done (this process)
     losses: list[float] = field(default_factory=list)  # per optimizer step
     elapsed: float = 0.0  # training seconds before this (resumed) run
+    # resumes that changed a setting (--allow-config-change): {"step", "checkpoint", "changes": {name: [old, new]}}
+    config_changes: list[dict] = field(default_factory=list)
+
+
+# The settings a resumed run must share with its checkpoint to continue the same training, as flags.
+RESUME_SETTINGS = {
+    "mask_ratio": "--mask-ratio", "seed": "--seed", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
+    "objective": "--objective", "image_size": "--image-size",
+}  # fmt: skip
+
+
+def run_settings(args: PretrainArguments, config: HistoMIMConfig) -> dict[str, Any]:
+    """The `RESUME_SETTINGS` of this run (effective values: the config's mask ratio, objective and image size)."""
+    settings = {"mask_ratio": config.mask_ratio, "objective": config.objective, "image_size": config.image_size}
+    return {name: settings.get(name, getattr(args, name, None)) for name in RESUME_SETTINGS}
+
+
+def settings_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> dict[str, list]:
+    """``{name: [checkpoint's value, this run's]}`` for every setting that differs (none for unrecorded ones)."""
+    saved = saved or {}
+    return {name: [saved[name], value] for name, value in current.items() if name in saved and saved[name] != value}
 
 
 @dataclass(frozen=True)
@@ -248,10 +271,22 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
 
     # 3. resume: weights, optimizer, schedule and RNG from the checkpoint, the loop position from its JSON
     state = TrainingState()
+    settings = run_settings(args, config)
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
+        changes = settings_changes(checkpoint_settings(checkpoint), settings)  # before loading: sizes may differ
+        if changes and not args.allow_config_change:
+            described = ", ".join(f"{RESUME_SETTINGS[name]} {old} -> {new}" for name, (old, new) in changes.items())
+            raise ValueError(
+                f"{checkpoint} was saved with other settings than this run ({described}): resuming would not "
+                "continue the same training. Resume with the checkpoint's settings, or pass --allow-config-change "
+                "to resume anyway (recorded in the summary and model card)"
+            )
         saved = load_checkpoint(accelerator, checkpoint)
-        state = TrainingState(**{name: saved[name] for name in asdict(state)})
+        state = TrainingState(**{name: saved[name] for name in asdict(state) if name in saved})
+        if changes:
+            state.config_changes.append({"step": state.step, "checkpoint": checkpoint.name, "changes": changes})
+            accelerator.print(f"warning: --allow-config-change: resuming {checkpoint} with changed settings {changes}")
         if saved.get("schedule") != asdict(schedule):
             accelerator.print(
                 f"warning: {checkpoint} was saved with the schedule {saved.get('schedule')}, now {schedule}"
@@ -267,8 +302,12 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     start = time.perf_counter()
 
     def checkpoint() -> None:
+        # a diverged last update must not become `latest` (nor push a good checkpoint out of the limit)
+        require_finite(local_weights(accelerator, model),
+                       f"not saving the checkpoint of step {state.step} (its last update diverged; lower --base-lr or set "
+                       "--max-grad-norm), `latest` stays on the previous one")  # fmt: skip
         elapsed = state.elapsed + time.perf_counter() - start
-        training_state = {**asdict(state), "elapsed": elapsed, "schedule": asdict(schedule)}
+        training_state = {**asdict(state), "elapsed": elapsed, "schedule": asdict(schedule), "settings": settings}
         save_checkpoint(accelerator, checkpoints_dir, state.step, training_state, args.checkpoints_total_limit)
 
     throughput = ThroughputMeter()
@@ -300,6 +339,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     # 5. the model, its processor, card and plots, from the main process
     # (the state dict is gathered on every process, as FSDP needs; named as in the uncompiled model)
     state_dict = {name.removeprefix("_orig_mod."): value for name, value in accelerator.get_state_dict(model).items()}
+    require_finite(state_dict, f"not saving the final model to {output_dir}: after step {state.step} (its last update "
+                               "diverged; lower --base-lr or set --max-grad-norm)")  # fmt: skip
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     summary = run_summary(args, accelerator, unwrapped, tiles, len(dataset), state, schedule, elapsed)
     if accelerator.is_main_process:
@@ -377,6 +418,12 @@ def train_one_epoch(
     state.batches_in_epoch = 0
 
 
+def local_weights(accelerator, model) -> dict[str, torch.Tensor]:
+    """The weights this process holds, named as in the saved model (what `require_finite` checks before a save)."""
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    return {name: parameter.detach() for name, parameter in unwrapped.named_parameters()}
+
+
 # -- outputs ---------------------------------------------------------------------------------------
 
 
@@ -391,18 +438,32 @@ def visualization_batch(source: str, config: HistoMIMConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
+def fixed_mask_outputs(accelerator, model, pixel_values: torch.Tensor, seed: int):
+    """The model's outputs in eval mode on ``pixel_values`` ``(N, C, H, W)`` with the fixed visualization masks."""
+    noise = torch.rand(model.config.mask_noise_shape(len(pixel_values)), generator=seeded_generator(seed, VISUALIZATION_KEY))
+    was_training = model.training
+    model.eval()
+    with accelerator.autocast():
+        outputs = model(pixel_values=pixel_values.to(accelerator.device), noise=noise.to(accelerator.device))
+    model.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def saved_model_loss(accelerator, output_dir: Path, pixel_values: torch.Tensor, seed: int) -> float:
+    """The loss of the weights as saved: ``model.safetensors`` reloaded and run on the fixed visualization tiles."""
+    saved = HistoMIMForPreTraining.from_pretrained(output_dir).to(accelerator.device)
+    return float(fixed_mask_outputs(accelerator, saved, pixel_values, seed).loss)
+
+
+@torch.no_grad()
 def save_reconstructions(accelerator, model, pixel_values: torch.Tensor, path: Path, step: int, seed: int) -> Path:
     """Reconstruct the visualization tiles with fixed masks and save the grid (eval mode, then back)."""
     from .plots import save_reconstruction_grid
 
     model = accelerator.unwrap_model(model, keep_torch_compile=False)  # no recompilation for this batch
     config = model.config
-    noise = torch.rand(config.mask_noise_shape(len(pixel_values)), generator=seeded_generator(seed, VISUALIZATION_KEY))
-    was_training = model.training
-    model.eval()
-    with accelerator.autocast():
-        outputs = model(pixel_values=pixel_values.to(accelerator.device), noise=noise.to(accelerator.device))
-    model.train(was_training)
+    outputs = fixed_mask_outputs(accelerator, model, pixel_values, seed)
     values_per_patch = config.patch_size**2 * config.num_channels
     pixel_mask = model.unpatchify(outputs.mask.unsqueeze(-1).expand(-1, -1, values_per_patch))  # (B, C, H, W)
     # the figure's own error: the masked-patch loss of these tiles, in the space the model is trained in
@@ -438,6 +499,9 @@ def save_outputs(
     model.save_pretrained(output_dir, state_dict=state_dict)
     for weights in output_dir.glob("*.safetensors"):
         give_normal_permissions(weights)
+    # the summary's loss of record is that of the file written, not of the last training step (taken before its update)
+    summary["saved_model_loss"] = saved_model_loss(accelerator, output_dir, visual_batch, args.seed)
+    summary["saved_model_loss_tiles"] = len(visual_batch)
     image_processor_for(model.config).save_pretrained(output_dir)
     save_reconstructions(
         accelerator, model, visual_batch, output_dir / "reconstruction.png", summary["steps"], args.seed
