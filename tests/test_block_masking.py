@@ -38,10 +38,16 @@ def test_rectangles_obey_the_area_and_aspect_bounds_and_make_the_mask():
         assert torch.equal(mask, painted.flatten())  # the mask is exactly the union of the rectangles
 
 
-def test_small_grid_lowers_the_minimum_area_to_the_target():
-    """4 x 4 patches at 40%: 6 patches, fewer than the 16-patch minimum; a single rectangle of 6 is drawn."""
-    rectangles = block_rectangles(torch.rand(block_wise_noise_size(16)), (4, 4), 6)
-    assert sum(h * w for _, _, h, w in rectangles) >= 6 and all(h * w >= 6 for _, _, h, w in rectangles)
+@pytest.mark.parametrize("num_masked", [6, 10])
+def test_small_grid_lowers_the_minimum_area_and_still_masks(num_masked):
+    """4 x 4 patches (a 64 px tile of 16 px patches): 6 or 10 masked, fewer than the 16-patch minimum, which
+    falls to half the target so rectangles still fit."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        rectangles = block_rectangles(torch.rand(block_wise_noise_size(16), generator=generator), (4, 4), num_masked)
+        assert rectangles and all(h * w >= num_masked // 2 for _, _, h, w in rectangles)
+    masks = block_wise_masking(32, (4, 4), num_masked / 16, generator=generator)
+    assert int(masks.sum(1).min()) >= num_masked // 2 and int(masks.sum(1).max()) <= num_masked
 
 
 def test_same_noise_or_seed_gives_the_same_mask_and_bad_noise_is_named():

@@ -162,7 +162,7 @@ def block_rectangles(
 ) -> list[tuple[int, int, int, int]]:
     """The rectangles of one block-wise mask (BEiT), as (top, left, height, width) in patches.
 
-    Every rectangle has at least `min_num_patches` patches (lowered to `num_masked` on grids too small for it)
+    Every rectangle has at least `min_num_patches` patches (lowered to half of `num_masked` on grids too small for it)
     and an aspect ratio height / width in [min_aspect, max_aspect] (default 1 / min_aspect). Rectangles are
     added, overlapping or not, while they add new patches without exceeding `num_masked`.
 
@@ -171,7 +171,7 @@ def block_rectangles(
     """
     height, width = grid_hw
     max_aspect = max_aspect or 1 / min_aspect
-    min_num_patches = min(min_num_patches, num_masked)
+    min_num_patches = min(min_num_patches, max(1, num_masked // 2))  # small grids: at least two rectangles' room
     log_aspects = (math.log(min_aspect), math.log(max_aspect))
     mask = np.zeros((height, width), dtype=bool)
     rectangles, masked = [], 0
