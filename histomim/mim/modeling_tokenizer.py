@@ -89,7 +89,7 @@ class CosineCodebook(nn.Module):
         assigned = self.embed_sum.norm(dim=-1) > 0
         self.embedding[assigned] = F.normalize(self.embed_sum[assigned], dim=-1)
         # 3. dead codes restart at random encoder outputs of this batch (the same on every process: rank 0's),
-        # counted as twice the threshold so that they live a few dozen steps before they can die again
+        # counted at the threshold: a restarted code that gets no token in the next step restarts again
         dead = self.cluster_size < self.dead_code_threshold  # (K,), equal on every process
         num_dead = int(dead.sum())
         if num_dead:
@@ -97,8 +97,8 @@ class CosineCodebook(nn.Module):
             if dist.is_available() and dist.is_initialized():
                 dist.broadcast(restart, src=0)
             self.embedding[dead] = restart
-            self.cluster_size[dead] = 2 * self.dead_code_threshold
-            self.embed_sum[dead] = restart * 2 * self.dead_code_threshold
+            self.cluster_size[dead] = self.dead_code_threshold
+            self.embed_sum[dead] = restart * self.dead_code_threshold
 
 
 class HistoMIMTokenizerDecoder(nn.Module):
@@ -252,6 +252,10 @@ class HistoMIMTokenizer(PreTrainedModel):
         if tokens.ndim != 3 or tokens.shape[1] < num_patches:
             raise ValueError(f"the teacher returned {tuple(tokens.shape)}, not (batch, tokens >= {num_patches}, width)")
         return tokens[:, -num_patches:].float()
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Nothing: the codebook takes its EMA steps in the forward passes (the pretraining loop calls this
+        after every optimizer step of every model it trains)."""
 
     # -- tokenizing and training ---------------------------------------------------------------
 
