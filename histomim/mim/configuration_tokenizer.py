@@ -76,6 +76,16 @@ class HistoMIMTokenizerConfig(PretrainedConfig):
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1), got {self.ema_decay}")
 
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # transformers takes any class named "*Tokenizer*" for a text tokenizer and records it in auto_map as a
+        # [slow, fast] pair, which AutoConfig cannot load with trust_remote_code: keep plain class references
+        output["auto_map"] = {
+            auto_class: reference[0] if isinstance(reference, (list, tuple)) else reference
+            for auto_class, reference in output.get("auto_map", {}).items()
+        }
+        return output
+
     @property
     def objective(self) -> str:
         """What `histomim pretrain --objective` calls training this model."""
