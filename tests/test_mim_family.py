@@ -15,6 +15,8 @@ from transformers import AutoModel
 
 from histomim import HistoMIMConfig, HistoMIMForPreTraining, HistoMIMModel, HistoMIMTokenizer, HistoMIMTokenizerConfig
 from histomim.mim.modeling_tokenizer import CosineCodebook
+from histomim.hub import code_files
+from histomim.training.arguments import with_demo_defaults
 from histomim.training.pretrain import PretrainArguments, load_model_config, pretrain
 
 from conftest import tiny_config
@@ -93,6 +95,9 @@ def test_tokenizer_gives_the_same_tokens_twice_and_after_reloading(trained_token
 
     folder = workdir / "tokenizer"
     assert not any(name.startswith("teacher.") for name in load_file(folder / "model.safetensors"))  # training only
+    assert {path.name for path in code_files(folder)} == {  # what a push uploads for trust_remote_code
+        "configuration_tokenizer.py", "modeling_tokenizer.py", "configuration_histomim.py", "modeling_histomim.py", "masking.py",
+    }  # fmt: skip
     loaded = AutoModel.from_pretrained(folder)
     assert isinstance(loaded, HistoMIMTokenizer) and loaded.teacher is None
     assert torch.equal(loaded.get_codebook_indices(tissue_tiles), first)
@@ -173,6 +178,10 @@ def test_beit_without_a_tokenizer_fails_clearly():
         HistoMIMConfig(objective="beit")
     with pytest.raises(ValueError, match="--tokenizer PATH"):
         load_model_config(PretrainArguments(config="histomim-vit-tiny16", objective="beit"), None)
+    with pytest.raises(ValueError, match="--tokenizer is used by --objective beit only, not with --objective latent"):
+        with_demo_defaults(PretrainArguments(demo=True, objective="latent", tokenizer="tok/"))
+    with pytest.raises(ValueError, match="--teacher is used by --objective tokenizer only"):
+        with_demo_defaults(PretrainArguments(demo=True, objective="beit", teacher="encoder/"))
     with pytest.raises(ValueError, match="is not a tokenizer folder"):
         HistoMIMForPreTraining(tiny_config(objective="beit", tokenizer_name_or_path="/nonexistent/tokenizer"))
 

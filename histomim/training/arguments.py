@@ -217,6 +217,9 @@ def with_demo_defaults(args: PretrainArguments) -> PretrainArguments:
     if args.data and args.demo:
         raise ValueError("--demo trains on the sample slide: give --data or --demo, not both")
     trackers(args.report_to)
+    for flag, objective in (("teacher", "tokenizer"), ("tokenizer", "beit")):
+        if getattr(args, flag) is not None and args.objective != objective:
+            raise ValueError(f"--{flag} is used by --objective {objective} only, not with --objective {args.objective}")
     args = replace(args, demo=args.is_demo)  # recorded, and calling this again changes nothing
     demo = DEMO_DEFAULTS if args.demo else {}
     args = replace(args, **{name: value for name, value in demo.items() if getattr(args, name) is None})
