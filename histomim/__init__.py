@@ -11,6 +11,8 @@ from .mim import (
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
     HistoMIMModel,
+    HistoMIMTokenizer,
+    HistoMIMTokenizerConfig,
     image_processor_classes,
     image_processor_for,
 )
@@ -32,6 +34,9 @@ def _register_auto_classes() -> None:
     AutoModelForPreTraining.register(HistoMIMConfig, HistoMIMForPreTraining, exist_ok=True)
     AutoModelForImageClassification.register(HistoMIMConfig, HistoMIMForImageClassification, exist_ok=True)
     AutoImageProcessor.register(HistoMIMConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
+    AutoConfig.register("histomim_tokenizer", HistoMIMTokenizerConfig, exist_ok=True)
+    AutoModel.register(HistoMIMTokenizerConfig, HistoMIMTokenizer, exist_ok=True)
+    AutoImageProcessor.register(HistoMIMTokenizerConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
     AutoConfig.register("histofusion", HistoFusionConfig, exist_ok=True)
     AutoModel.register(HistoFusionConfig, HistoFusionForSurvival, exist_ok=True)
 
@@ -40,6 +45,8 @@ def _register_auto_classes() -> None:
     HistoMIMModel.register_for_auto_class("AutoModel")
     HistoMIMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     HistoMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    HistoMIMTokenizerConfig.register_for_auto_class("AutoConfig")
+    HistoMIMTokenizer.register_for_auto_class("AutoModel")
     HistoFusionConfig.register_for_auto_class("AutoConfig")
     HistoFusionForSurvival.register_for_auto_class("AutoModel")
 
@@ -52,6 +59,8 @@ __all__ = [
     "HistoMIMForPreTraining",
     "HistoMIMForImageClassification",
     "image_processor_for",
+    "HistoMIMTokenizerConfig",
+    "HistoMIMTokenizer",
     "HistoFusionConfig",
     "HistoFusionForSurvival",
 ]

@@ -4,6 +4,8 @@
   only know ViT (Phikon-style pipelines) and should load it without remote code.
 - `from_vit_mae(path)`: a `HistoMIMForPreTraining` initialised from a transformers `ViTMAEForPreTraining`
   checkpoint, for continued (domain-adaptive) pretraining from natural-image MAE weights.
+- `from_vit_simmim(model)`, `from_beit(model)`: SimMIM and BEiT pretraining models with the weights of
+  transformers' `ViTForMaskedImageModeling` and `BeitForMaskedImageModeling` (the benchmark's references).
 
 Both directions share one table of hyperparameter names and one of parameter names, so they cannot
 drift apart.
@@ -199,7 +201,42 @@ def from_vit_simmim(model, **config_overrides) -> HistoMIMForPreTraining:
     return ours
 
 
+def from_beit(model, **config_overrides) -> HistoMIMForPreTraining:
+    """Build a BEiT `HistoMIMForPreTraining` from a transformers `BeitForMaskedImageModeling` with the same
+    weights (used to check that both compute the same loss for the same mask and codes).
+
+    histomim's ViT has BEiT's shape when BEiT uses absolute position embeddings, no relative position bias,
+    no layer scale and mean pooling (so that the MIM head's norm is the only final norm); BEiT's key has no
+    bias, which becomes zeros in histomim's fused qkv bias. `config_overrides` must name the tokenizer
+    (`tokenizer_name_or_path`) unless the caller passes `labels`.
+    """
+    src = model.config
+    if src.use_relative_position_bias or src.use_shared_relative_position_bias or not src.use_absolute_position_embeddings:
+        raise ValueError("from_beit: only BEiT with absolute position embeddings and no relative position bias maps to histomim")
+    if src.layer_scale_init_value or not src.use_mean_pooling:
+        raise ValueError("from_beit: set layer_scale_init_value=0 and use_mean_pooling=True (one final norm)")
+    settings = dict(
+        **{name: getattr(src, name) for name in VIT_ENCODER_FIELDS if name != "qkv_bias"}, qkv_bias=True,
+        objective="beit", position_embedding="learned", pooling="cls", codebook_size=src.vocab_size,
+    )
+    settings.update(config_overrides)
+    ours = HistoMIMForPreTraining(HistoMIMConfig(**settings))
+    state = dict(model.state_dict())
+    layout = hf_layout(state)
+    for i in range(src.num_hidden_layers):  # BEiT's key projection has no bias
+        state[f"beit.{layout['layers']}{i}.{layout['k']}.bias"] = torch.zeros(src.hidden_size)
+    state["beit.layernorm.weight"], state["beit.layernorm.bias"] = state["layernorm.weight"], state["layernorm.bias"]
+    mapped = {
+        **hf_encoder_to_histomim(state, layout, "beit.", "histomim.", src.num_hidden_layers),
+        "histomim.embeddings.mask_token": state["beit.embeddings.mask_token"],
+        "beit_head.weight": state["lm_head.weight"],
+        "beit_head.bias": state["lm_head.bias"],
+    }
+    ours.load_state_dict(mapped, strict=True)
+    return ours
+
+
 __all__ = [
-    "to_vit", "from_vit_mae", "from_vit_simmim", "vit_encoder_settings",
+    "to_vit", "from_vit_mae", "from_vit_simmim", "from_beit", "vit_encoder_settings",
     "hf_encoder_to_histomim", "histomim_encoder_to_hf", "hf_blocks_to_histomim", "histomim_blocks_to_hf",
 ]

@@ -20,6 +20,43 @@ CARD_CONFIG_KEYS = (
     "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "pooling", "pooled_size",
     "objective", "mask_ratio", "norm_pix_loss", "decoder_hidden_size", "decoder_num_hidden_layers", "target_mpp",
 )  # fmt: skip
+# A visual tokenizer's own settings, recorded beside its encoder's.
+TOKENIZER_CONFIG_KEYS = ("codebook_size", "codebook_dim", "target", "teacher_name_or_path", "decoder_num_hidden_layers")
+# What the summary and the card call each objective.
+OBJECTIVE_NAMES = {
+    "mae": "masked autoencoding (MAE)",
+    "simmim": "SimMIM",
+    "beit": "BEiT (masked prediction of visual tokens)",
+    "latent": "latent-feature regression to an EMA teacher (data2vec)",
+    "tokenizer": "a visual tokenizer",
+}
+
+
+def summary_config(config) -> dict[str, Any]:
+    """The config values of the summary: the encoder's `CARD_CONFIG_KEYS`, plus a tokenizer's own settings (its
+    `objective` is "tokenizer"), BEiT's tokenizer or the latent objective's teacher settings."""
+    encoder = getattr(config, "encoder_config", config)
+    values = {name: getattr(encoder, name) for name in CARD_CONFIG_KEYS}
+    values["objective"] = config.objective
+    if config.objective == "tokenizer":
+        values |= {f"tokenizer_{name}": getattr(config, name) for name in TOKENIZER_CONFIG_KEYS}
+        values["mask_ratio"] = None  # a tokenizer masks nothing
+    elif config.objective == "beit":
+        values |= {"tokenizer_name_or_path": config.tokenizer_name_or_path, "codebook_size": config.codebook_size}
+    elif config.objective == "latent":
+        values |= {name: getattr(config, name) for name in ("latent_top_k_layers", "teacher_momentum", "teacher_momentum_end")}
+    return values
+
+
+def objective_name(config: dict[str, Any]) -> str:
+    """The objective as the card says it, with a tokenizer's target."""
+    name = OBJECTIVE_NAMES[config["objective"]]
+    if config["objective"] == "tokenizer":
+        size = f"{config['tokenizer_codebook_size']} x {config['tokenizer_codebook_dim']} cosine codebook"
+        if config["tokenizer_target"] == "teacher":
+            return f"{name} (VQ-KD: a {size} distilling the patch features of `{Path(config['tokenizer_teacher_name_or_path']).name}`)"
+        return f"{name} (VQ-VAE: a {size} reconstructing pixels)"
+    return name
 
 
 def run_summary(
@@ -44,7 +81,7 @@ def run_summary(
         "repo_id": args.hub_model_id or Path(args.output_dir).name,
         "preset": Path(args.config).name,  # a preset name, or the config folder's name
         "demo": args.demo,
-        "config": {name: getattr(model.config, name) for name in CARD_CONFIG_KEYS},
+        "config": summary_config(model.config),
         "encoder_parameters": encoder_parameters,
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "data": {
@@ -87,7 +124,7 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "repo_id": summary["repo_id"] if "/" in summary["repo_id"] else f"<user>/{summary['repo_id']}",
         "preset": summary["preset"],
         **config,
-        "objective_name": {"mae": "masked autoencoding (MAE)", "simmim": "SimMIM"}[config["objective"]],
+        "objective_name": objective_name(config),
         "mpp_text": f"{mpp:g} um/px (about {10 / mpp:g}x)" if mpp else "unknown resolution",
         "encoder_parameters": f"{summary['encoder_parameters'] / 1e6:.1f}M",
         "total_parameters": f"{summary['total_parameters'] / 1e6:.1f}M",
@@ -132,7 +169,8 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "datasets": card_datasets(args),
         "gated_prompt": args["gated_prompt"],
         "gated_fields": args["gated_fields"],
-        "has_reconstruction": True,
+        "has_reconstruction": config["objective"] in ("mae", "simmim"),
+        "codebook": summary.get("codebook"),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_cpu_smoke_run_writes_a_report_with_exact_losses(tmp_path, capsys):
     report = json.loads(out.read_text())
     rows = {(r["objective"], r["variant"]): r for r in report["results"]}
     variants = ["transformers", "histomim", "histomim, attention without SDPA", "histomim, unfused AdamW"]
-    assert set(rows) == {(objective, variant) for objective in ("mae", "simmim") for variant in variants}
+    assert set(rows) == {(objective, variant) for objective in ("mae", "simmim", "beit") for variant in variants}
     assert all(r["error"] is None and r["img_per_s"] > 0 and 0 < r["mfu"] for r in rows.values())
     # every histomim row is compared with the transformers row
     assert set(report["ratios"]["mae"]) == set(variants[1:])
@@ -49,11 +50,37 @@ def test_cpu_smoke_run_writes_a_report_with_exact_losses(tmp_path, capsys):
     assert "histomim vs" in capsys.readouterr().out
     assert report["device_augmentation_img_per_s"] > 0
     with Image.open(tmp_path / "bench.png") as plot:
-        assert plot.format == "PNG" and plot.size[1] > plot.size[0] / 2  # two panels of four bars
+        assert plot.format == "PNG" and plot.size[1] > plot.size[0] / 2  # three panels of four bars
     pipeline = report["data_pipeline"]
     for name in ("read_from_slide_per_core", "decode_saved_tile_per_core", "augment_per_core",
                  "worker_for_device_augmentation_per_core", "augment_on_device"):
         assert pipeline[name] > 0, name
+
+
+def test_beit_row_matches_transformers_beit_exactly_and_counts_its_codebook_head():
+    """BEiT against transformers' BeitForMaskedImageModeling: the same weights, block-wise mask and codes give the
+    same fp32 loss (about ln 8192 before training), and a weight change shows in histomim's loss."""
+    import torch
+
+    from histomim.training.benchmark import (
+        BEIT_CODEBOOK_SIZE, objective_config, reference_and_histomim, shared_mask_loss,
+    )  # fmt: skip
+
+    tiny = HistoMIMConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vit-tiny16", image_size=64)
+    config = objective_config(tiny, "beit")
+    assert (config.objective, config.mask_ratio, config.codebook_size) == ("beit", 0.4, BEIT_CODEBOOK_SIZE)
+    torch.manual_seed(0)
+    reference, ours = (model.eval() for model in reference_and_histomim(config))
+    pixels = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    theirs, mine = (shared_mask_loss(model, config, pixels, torch.float32) for model in (reference, ours))
+    assert abs(theirs - mine) < 1e-5 and abs(mine - math.log(BEIT_CODEBOOK_SIZE)) < 1.0
+    with torch.no_grad():
+        ours.histomim.blocks[0].mlp.fc1.weight.mul_(1.5)
+    assert abs(shared_mask_loss(ours, config, pixels, torch.float32) - theirs) > 1e-4
+    # FLOPs: SimMIM's count with the 8192-way head in place of the pixel head
+    simmim = objective_config(tiny, "simmim")
+    head_difference = config.num_patches * config.hidden_size * (BEIT_CODEBOOK_SIZE - 16 * 16 * 3)
+    assert training_flops_per_image(config) - training_flops_per_image(simmim) == 6 * head_difference
 
 
 def test_a_row_that_cannot_run_is_reported_and_the_others_still_are(monkeypatch):

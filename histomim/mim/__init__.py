@@ -1,8 +1,9 @@
 """The HistoMIM encoder family: configuration, models, masking and the image processor."""
 
 from .configuration_histomim import HistoMIMConfig
+from .configuration_tokenizer import HistoMIMTokenizerConfig
 from .image_processing_histomim import ProcessorTransform, image_processor_classes, image_processor_for
-from .masking import block_random_mask, random_masking
+from .masking import block_random_mask, block_wise_masking, random_masking
 from .modeling_histomim import (
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
@@ -10,6 +11,7 @@ from .modeling_histomim import (
     HistoMIMModel,
     HistoMIMPreTrainedModel,
 )
+from .modeling_tokenizer import HistoMIMTokenizer, HistoMIMTokenizerOutput, tokenizer_for_teacher
 
 __all__ = [
     "HistoMIMConfig",
@@ -23,4 +25,9 @@ __all__ = [
     "ProcessorTransform",
     "random_masking",
     "block_random_mask",
+    "block_wise_masking",
+    "HistoMIMTokenizerConfig",
+    "HistoMIMTokenizer",
+    "HistoMIMTokenizerOutput",
+    "tokenizer_for_teacher",
 ]

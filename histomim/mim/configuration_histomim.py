@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .masking import masked_fraction
+from .masking import block_wise_noise_size, masked_fraction, num_masked_blocks
 
-OBJECTIVES = ("mae", "simmim")
+OBJECTIVES = ("mae", "simmim", "beit", "latent")
+# Objectives that mask with BEiT's block-wise rectangles and a mask token, predicting no pixels.
+BLOCK_WISE_OBJECTIVES = ("beit", "latent")
+# mask_ratio when none is given: MAE's 75%, BEiT's 40%, data2vec's 60% (SimMIM presets set their own).
+DEFAULT_MASK_RATIOS = {"mae": 0.75, "simmim": 0.75, "beit": 0.4, "latent": 0.6}
 POOLINGS = ("cls", "mean", "cls+mean")
 POSITION_EMBEDDINGS = ("sincos", "learned")
 
@@ -39,6 +43,14 @@ class HistoMIMConfig(PretrainedConfig):
     Both objectives mask whole `mask_patch_size` blocks; `realised_mask_ratio()` is the fraction of the
     image actually masked, which the block count can round away from `mask_ratio`.
 
+    `"beit"` and `"latent"` mask BEiT-style rectangles of patches (`block_min_num_patches`,
+    `block_min_aspect`; default `mask_ratio` 0.4 and 0.6) and replace them by a mask token. BEiT predicts
+    the codes a frozen visual tokenizer (`tokenizer_name_or_path`, a `HistoMIMTokenizer` folder or Hub id;
+    required) gives the patches, over its `codebook_size` codes (read from the tokenizer when unset).
+    `"latent"` (data2vec) regresses an EMA teacher's average of its top `latent_top_k_layers` block outputs,
+    each layer-normalised; the teacher's momentum follows a cosine from `teacher_momentum` to
+    `teacher_momentum_end` over training.
+
     Histology metadata shown on model cards: `target_mpp` (microns per pixel of the training tiles),
     `magnification`. The pixel normalization the encoder was trained with, which the image processor
     applies: `normalization_mean`, `normalization_std` (one value per channel, or one for all; configs
@@ -66,7 +78,7 @@ class HistoMIMConfig(PretrainedConfig):
         position_embedding: str = "sincos",
         pooling: str = "cls",
         objective: str = "mae",
-        mask_ratio: float = 0.75,
+        mask_ratio: float | None = None,
         mask_patch_size: int | None = None,
         decoder_hidden_size: int = 512,
         decoder_num_hidden_layers: int = 8,
@@ -78,6 +90,13 @@ class HistoMIMConfig(PretrainedConfig):
         magnification: float | None = 20.0,
         normalization_mean: float | list[float] | tuple[float, ...] = IMAGENET_MEAN,
         normalization_std: float | list[float] | tuple[float, ...] = IMAGENET_STD,
+        tokenizer_name_or_path: str | None = None,
+        codebook_size: int | None = None,
+        block_min_num_patches: int = 16,
+        block_min_aspect: float = 0.3,
+        latent_top_k_layers: int = 8,
+        teacher_momentum: float = 0.996,
+        teacher_momentum_end: float = 1.0,
         **kwargs,
     ):
         # Former names: transformers treats every `*_std` config field as an initialisation scale.
@@ -100,7 +119,7 @@ class HistoMIMConfig(PretrainedConfig):
         self.position_embedding = position_embedding
         self.pooling = pooling
         self.objective = objective
-        self.mask_ratio = mask_ratio
+        self.mask_ratio = mask_ratio if mask_ratio is not None else DEFAULT_MASK_RATIOS.get(objective, 0.75)
         self.mask_patch_size = mask_patch_size  # None: derived from the objective (see the property)
         self.decoder_hidden_size = decoder_hidden_size
         self.decoder_num_hidden_layers = decoder_num_hidden_layers
@@ -112,6 +131,13 @@ class HistoMIMConfig(PretrainedConfig):
         self.magnification = magnification
         self.normalization_mean = per_channel(normalization_mean, num_channels)
         self.normalization_std = per_channel(normalization_std, num_channels)
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.codebook_size = codebook_size
+        self.block_min_num_patches = block_min_num_patches
+        self.block_min_aspect = block_min_aspect
+        self.latent_top_k_layers = latent_top_k_layers
+        self.teacher_momentum = teacher_momentum
+        self.teacher_momentum_end = teacher_momentum_end
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self._validate()
@@ -147,6 +173,21 @@ class HistoMIMConfig(PretrainedConfig):
             )
         if not all(std > 0 for std in self.normalization_std):
             raise ValueError(f"normalization_std must be > 0 for every channel (it divides the pixels), got {self.normalization_std}")
+        if self.objective == "beit" and not self.tokenizer_name_or_path:
+            raise ValueError(
+                "objective 'beit' predicts the codes of a visual tokenizer: set tokenizer_name_or_path to a trained "
+                "HistoMIMTokenizer folder or Hub id (`histomim pretrain --objective beit --tokenizer PATH`; train one "
+                "with `histomim pretrain --objective tokenizer`)"
+            )
+        if self.objective in BLOCK_WISE_OBJECTIVES and self.mask_patch_size != self.patch_size:
+            raise ValueError(f"objective {self.objective!r} masks whole ViT patches: mask_patch_size must equal patch_size")
+        if not 0.0 < self.block_min_aspect <= 1.0:
+            raise ValueError(f"block_min_aspect must lie in (0, 1], got {self.block_min_aspect}")
+        if not 0.0 <= self.teacher_momentum <= self.teacher_momentum_end <= 1.0:
+            raise ValueError(
+                f"need 0 <= teacher_momentum <= teacher_momentum_end <= 1, got {self.teacher_momentum} and "
+                f"{self.teacher_momentum_end}"
+            )
 
     @property
     def mask_patch_size(self) -> int:
@@ -173,12 +214,18 @@ class HistoMIMConfig(PretrainedConfig):
         return self.image_size // self.mask_patch_size
 
     def mask_noise_shape(self, batch_size: int) -> tuple[int, int]:
-        """(B, blocks) of the `noise` that fixes a pretraining mask: one value per `mask_patch_size` block."""
+        """(B, n) of the `noise` that fixes a pretraining mask: one value per `mask_patch_size` block, or for the
+        block-wise objectives the uniforms of a fixed budget of rectangle attempts."""
+        if self.objective in BLOCK_WISE_OBJECTIVES:
+            return batch_size, block_wise_noise_size(self.num_patches)
         return batch_size, self.mask_grid_size() ** 2
 
     def realised_mask_ratio(self) -> float:
         """The fraction of patches each pretraining mask hides: `mask_ratio` rounded to whole blocks, by each
-        objective's rule (e.g. SimMIM at 64 px with 32 px blocks and ratio 0.6 masks 2 of 4 blocks: 0.5)."""
+        objective's rule (e.g. SimMIM at 64 px with 32 px blocks and ratio 0.6 masks 2 of 4 blocks: 0.5).
+        For the block-wise objectives, the target the rectangles fill up to (they may stop a few patches short)."""
+        if self.objective in BLOCK_WISE_OBJECTIVES:
+            return num_masked_blocks(self.num_patches, self.mask_ratio) / self.num_patches
         return masked_fraction(self.objective, self.mask_grid_size() ** 2, self.mask_ratio)
 
     @property

@@ -7,6 +7,9 @@ transformers) can fix the mask; the same noise always gives the same mask.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 
@@ -137,7 +140,103 @@ def block_random_mask(
     return fine_mask.flatten(1)  # (B, g*g)
 
 
+# --------------------------------------------------------------------------- BEiT's block-wise masking
+
+BLOCK_ATTEMPTS_PER_PATCH = 1  # rectangle attempts budgeted per patch of the grid (noise size: see below)
+UNIFORMS_PER_ATTEMPT = 4  # area, log aspect ratio, top, left
+
+
+def block_wise_noise_size(num_patches: int) -> int:
+    """Uniform numbers one sample's block-wise mask consumes: a fixed budget of rectangle attempts, so that
+    block-wise masks are fixed by a noise tensor of a known shape like the other generators'."""
+    return max(16, BLOCK_ATTEMPTS_PER_PATCH * num_patches) * UNIFORMS_PER_ATTEMPT
+
+
+def block_rectangles(
+    noise: torch.Tensor,
+    grid_hw: tuple[int, int],
+    num_masked: int,
+    min_num_patches: int = 16,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+) -> list[tuple[int, int, int, int]]:
+    """The rectangles of one block-wise mask (BEiT), as (top, left, height, width) in patches.
+
+    Every rectangle has at least `min_num_patches` patches (lowered to half of `num_masked` on grids too small for it)
+    and an aspect ratio height / width in [min_aspect, max_aspect] (default 1 / min_aspect). Rectangles are
+    added, overlapping or not, while they add new patches without exceeding `num_masked`.
+
+    Args:
+        noise: (block_wise_noise_size(h * w),) uniforms in [0, 1); the same noise gives the same rectangles.
+    """
+    height, width = grid_hw
+    max_aspect = max_aspect or 1 / min_aspect
+    min_num_patches = min(min_num_patches, max(1, num_masked // 2))  # small grids: at least two rectangles' room
+    log_aspects = (math.log(min_aspect), math.log(max_aspect))
+    mask = np.zeros((height, width), dtype=bool)
+    rectangles, masked = [], 0
+    for area_u, aspect_u, top_u, left_u in noise.view(-1, UNIFORMS_PER_ATTEMPT).tolist():
+        remaining = num_masked - masked
+        if remaining == 0:
+            break
+        # 1. a target area in [min, remaining] (just min once fewer remain: then only a rectangle that
+        # mostly overlaps the mask fits) and a log-uniform aspect ratio -> a rounded rectangle
+        area = min_num_patches + area_u * max(remaining - min_num_patches, 0)
+        aspect = math.exp(log_aspects[0] + aspect_u * (log_aspects[1] - log_aspects[0]))
+        block_h, block_w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        # 2. rounding can break the bounds: such a rectangle is not drawn
+        if not (block_h <= height and block_w <= width and block_h * block_w >= min_num_patches):
+            continue
+        if not min_aspect - 1e-9 <= block_h / block_w <= max_aspect + 1e-9:
+            continue
+        # 3. a uniform position; kept if it masks new patches without overshooting the target
+        top, left = int(top_u * (height - block_h + 1)), int(left_u * (width - block_w + 1))
+        new = block_h * block_w - int(mask[top : top + block_h, left : left + block_w].sum())
+        if 0 < new <= remaining:
+            mask[top : top + block_h, left : left + block_w] = True
+            rectangles.append((top, left, block_h, block_w))
+            masked += new
+    return rectangles
+
+
+def block_wise_masking(
+    batch_size: int,
+    grid_hw: tuple[int, int],
+    mask_ratio: float,
+    min_num_patches: int = 16,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """BEiT's block-wise masking: random rectangles (see `block_rectangles`) until about `mask_ratio` of the
+    patches are masked. The count is at most round(mask_ratio * L) and usually within a few patches of it.
+
+    Args:
+        noise: optional (B, block_wise_noise_size(L)) uniforms that fix the masks; else drawn from `generator`.
+
+    Returns:
+        bool_masked_pos: (B, h * w) bool, True = masked
+    """
+    height, width = grid_hw
+    num_patches = height * width
+    shape = (batch_size, block_wise_noise_size(num_patches))
+    if noise is None:
+        noise = torch.rand(shape, generator=generator)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    num_masked = num_masked_blocks(num_patches, mask_ratio)
+    masks = torch.zeros(batch_size, height, width, dtype=torch.bool)
+    for sample, sample_noise in enumerate(noise.cpu()):  # a handful of rectangles per sample: plain Python
+        for top, left, block_h, block_w in block_rectangles(
+            sample_noise, grid_hw, num_masked, min_num_patches, min_aspect, max_aspect
+        ):
+            masks[sample, top : top + block_h, left : left + block_w] = True
+    return masks.flatten(1).to(device or noise.device)  # (B, L)
+
+
 __all__ = [
     "num_visible_patches", "num_masked_blocks", "masked_fraction", "random_masking", "random_block_masking",
-    "block_random_mask",
+    "block_random_mask", "block_wise_masking", "block_rectangles", "block_wise_noise_size",
 ]

@@ -26,8 +26,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.utils import ModelOutput
 
-from .configuration_histomim import HistoMIMConfig
-from .masking import block_random_mask, random_block_masking
+from .configuration_histomim import BLOCK_WISE_OBJECTIVES, HistoMIMConfig
+from .masking import block_random_mask, block_wise_masking, random_block_masking
 
 
 # --------------------------------------------------------------------------- position embeddings
@@ -311,6 +311,8 @@ class HistoMIMPreTrainedModel(PreTrainedModel):
     # a pretraining checkpoint's objective head and SimMIM mask token: loading an encoder or a classifier from
     # one leaves them behind, on purpose (the pretraining model itself has them, so never finds them unexpected)
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^simmim_head\.", r"embeddings\.mask_token$"]
+    # BEiT's and the latent objective's heads, and their training-only target models (tokenizer, EMA teacher)
+    _keys_to_ignore_on_load_unexpected += [r"^beit_head\.", r"^latent_head\.", r"^tokenizer\.", r"^teacher\."]
 
     def get_input_embeddings(self) -> nn.Module:
         """The patch embedding (the module every forward calls first on the pixels)."""
@@ -482,13 +484,27 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
       per-patch normalized targets.
     - `simmim`: block masking at `mask_patch_size`, mask token in the encoder, a linear head predicting
       raw pixels, L1 on masked pixels.
+    - `beit`: BEiT's block-wise masking, mask token, a linear head over the codebook of a frozen visual
+      tokenizer (`config.tokenizer_name_or_path`), cross-entropy on masked patches against its codes.
+    - `latent` (data2vec): block-wise masking, mask token, a linear head regressing an EMA teacher's
+      average of its top `latent_top_k_layers` block outputs (each layer-normalised), MSE on masked patches.
+      The teacher sees the whole image and is updated by `after_optimizer_step` only.
+
+    The tokenizer and the teacher are training tools: `prepare_targets()` attaches them (the pretraining
+    loop calls it), training checkpoints hold them, `save_pretrained` leaves them out of the published model.
     """
 
     def __init__(self, config: HistoMIMConfig):
         super().__init__(config)
-        self.histomim = HistoMIMModel(config, use_mask_token=config.objective == "simmim")
+        self.histomim = HistoMIMModel(config, use_mask_token=config.objective in ("simmim",) + BLOCK_WISE_OBJECTIVES)
+        self.tokenizer = None  # beit: the frozen visual tokenizer, attached by prepare_targets
+        self.teacher = None  # latent: the EMA teacher, attached by prepare_targets
         if config.objective == "mae":
             self.decoder = HistoMIMDecoder(config)
+        elif config.objective == "beit":
+            self.beit_head = nn.Linear(config.hidden_size, beit_codebook_size(config))
+        elif config.objective == "latent":
+            self.latent_head = nn.Linear(config.hidden_size, config.hidden_size)
         else:
             # SimMIM's 1x1 conv + pixel shuffle is a per-token linear map to the patch's pixels
             self.simmim_head = nn.Linear(config.hidden_size, config.patch_size**2 * config.num_channels)
@@ -510,12 +526,14 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
         output_attentions: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
+        labels: torch.Tensor | None = None,
         **kwargs,
     ) -> HistoMIMForPreTrainingOutput | tuple:
         r"""
-        noise: optional noise that fixes the mask, one value per `mask_patch_size` block:
-            `config.mask_noise_shape(B)`. The same noise always gives the same mask.
+        noise: optional noise that fixes the mask, `config.mask_noise_shape(B)`: one value per `mask_patch_size`
+            block, or the uniforms of the block-wise rectangles. The same noise always gives the same mask.
         bool_masked_pos: optional explicit (B, L) mask (True = masked) instead of sampling one.
+        labels: BEiT only, optional (B, L) codebook indices of the patches instead of the tokenizer's.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self.histomim.embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
@@ -525,9 +543,68 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        forward = self._forward_mae if self.config.objective == "mae" else self._forward_simmim
-        output = forward(pixel_values, noise, bool_masked_pos, grid_hw, encoder_options)
+        if self.config.objective == "beit":
+            output = self._forward_beit(pixel_values, noise, bool_masked_pos, grid_hw, encoder_options, labels)
+        else:
+            forward = {"mae": self._forward_mae, "simmim": self._forward_simmim, "latent": self._forward_latent}
+            output = forward[self.config.objective](pixel_values, noise, bool_masked_pos, grid_hw, encoder_options)
         return output if return_dict else output.to_tuple()
+
+    # -- training-only targets: BEiT's tokenizer, the latent objective's EMA teacher -------------------
+
+    def prepare_targets(self) -> None:
+        """Attach what the objective's targets come from: BEiT's frozen tokenizer (loaded from
+        `config.tokenizer_name_or_path`) or the latent objective's teacher (a copy of the current encoder).
+        Nothing for MAE and SimMIM. Call before `accelerate.prepare`, so that checkpoints hold them."""
+        if self.config.objective == "beit" and self.tokenizer is None:
+            self.tokenizer = load_frozen_tokenizer(self.config)
+        elif self.config.objective == "latent" and self.teacher is None:
+            self.teacher = HistoMIMModel(self.config).to(self.histomim.embeddings.cls_token.device)
+            self.reset_teacher()
+
+    @torch.no_grad()
+    def reset_teacher(self) -> None:
+        """Make the teacher a copy of the student encoder (without its mask token)."""
+        student = {name: value for name, value in self.histomim.state_dict().items() if name != "embeddings.mask_token"}
+        self.teacher.load_state_dict(student)
+        self.teacher.requires_grad_(False).eval()
+
+    def teacher_momentum(self, step: int, total_steps: int) -> float:
+        """The EMA momentum after optimizer step `step` of `total_steps`: a cosine from `teacher_momentum` to
+        `teacher_momentum_end` (as BYOL, DINO and data2vec)."""
+        start, end = self.config.teacher_momentum, self.config.teacher_momentum_end
+        return end - (end - start) * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1))) / 2
+
+    @torch.no_grad()
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """The latent objective's EMA update of the teacher, teacher = m * teacher + (1 - m) * student;
+        nothing for the other objectives. Called by the pretraining loop after every optimizer step."""
+        if self.config.objective != "latent":
+            return
+        momentum = self.teacher_momentum(step, total_steps)
+        student = dict(self.histomim.named_parameters())
+        for name, teacher_value in self.teacher.named_parameters():
+            teacher_value.mul_(momentum).add_(student[name].detach(), alpha=1 - momentum)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.tokenizer, self.teacher):
+            if frozen is not None:
+                frozen.eval()  # targets come without stochastic depth
+        return self
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """Saves the model without its tokenizer or teacher: those belong to training checkpoints only."""
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        state_dict = {name: value for name, value in state_dict.items() if not name.startswith(TRAINING_ONLY_PREFIXES)}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+    def sample_block_wise_mask(self, pixel_values: torch.Tensor, noise: torch.Tensor | None, grid_hw) -> torch.Tensor:
+        """(B, L) bool BEiT block-wise mask of the batch, fixed by `noise` when given."""
+        return block_wise_masking(
+            pixel_values.shape[0], grid_hw, self.config.mask_ratio, self.config.block_min_num_patches,
+            self.config.block_min_aspect, noise=noise, device=pixel_values.device,
+        )
 
     def _forward_mae(self, pixel_values, noise, bool_masked_pos, grid_hw, encoder_options):
         if bool_masked_pos is None:
@@ -576,6 +653,92 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
             loss=loss, logits=logits, reconstruction=self.unpatchify(logits, pixel_values.shape[-2:]),
             mask=mask, hidden_states=encoded.hidden_states, attentions=encoded.attentions,
         )
+
+
+    def _forward_beit(self, pixel_values, noise, bool_masked_pos, grid_hw, encoder_options, labels):
+        if bool_masked_pos is None:
+            bool_masked_pos = self.sample_block_wise_mask(pixel_values, noise, grid_hw)
+        if labels is None:
+            if self.tokenizer is None:
+                raise ValueError("BEiT targets come from a tokenizer: call prepare_targets() first, or pass labels")
+            labels = self.tokenizer.get_codebook_indices(pixel_values)  # (B, L)
+        encoded = self.histomim(pixel_values, bool_masked_pos=bool_masked_pos, **encoder_options)
+        patch_tokens = encoded.last_hidden_state[:, self.config.num_prefix_tokens :]  # (B, L, D)
+        logits = self.beit_head(patch_tokens).float()  # (B, L, K)
+        loss = F.cross_entropy(logits[bool_masked_pos], labels[bool_masked_pos])  # masked patches only
+        return HistoMIMForPreTrainingOutput(
+            loss=loss, logits=logits, mask=bool_masked_pos.float(), hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+
+    def _forward_latent(self, pixel_values, noise, bool_masked_pos, grid_hw, encoder_options):
+        if self.teacher is None:
+            raise ValueError("the latent objective's targets come from its EMA teacher: call prepare_targets() first")
+        if bool_masked_pos is None:
+            bool_masked_pos = self.sample_block_wise_mask(pixel_values, noise, grid_hw)
+        target = self.latent_targets(pixel_values, encoder_options["interpolate_pos_encoding"])  # (B, L, D)
+        encoded = self.histomim(pixel_values, bool_masked_pos=bool_masked_pos, **encoder_options)
+        patch_tokens = encoded.last_hidden_state[:, self.config.num_prefix_tokens :]  # (B, L, D)
+        logits = self.latent_head(patch_tokens).float()  # (B, L, D)
+        mask = bool_masked_pos.float()  # (B, L)
+        per_patch = ((logits - target) ** 2).mean(dim=-1)  # (B, L)
+        loss = (per_patch * mask).sum() / mask.sum()  # masked patches only
+        return HistoMIMForPreTrainingOutput(
+            loss=loss, logits=logits, mask=mask, hidden_states=encoded.hidden_states, attentions=encoded.attentions,
+        )
+
+    @torch.no_grad()
+    def latent_targets(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """The teacher's view of the whole image: the mean of its top `latent_top_k_layers` block outputs at the
+        patch positions, each layer-normalised (no affine), as data2vec. Returns (B, L, D) float32."""
+        hidden_states = self.teacher(
+            pixel_values, output_hidden_states=True, interpolate_pos_encoding=interpolate_pos_encoding
+        ).hidden_states  # embeddings + one per block, each (B, P + L, D)
+        top = hidden_states[1:][-self.config.latent_top_k_layers :]
+        patches = [F.layer_norm(layer[:, self.config.num_prefix_tokens :].float(), layer.shape[-1:]) for layer in top]
+        return torch.stack(patches).mean(dim=0)
+
+
+# Submodules of HistoMIMForPreTraining that only training needs; never part of a published model.
+TRAINING_ONLY_PREFIXES = ("tokenizer.", "teacher.")
+
+
+def beit_codebook_size(config: HistoMIMConfig) -> int:
+    """BEiT's number of classes: `config.codebook_size`, else read from its tokenizer's config (and recorded)."""
+    if config.codebook_size is None:
+        from transformers import AutoConfig
+
+        try:
+            tokenizer_config = AutoConfig.from_pretrained(config.tokenizer_name_or_path, trust_remote_code=True)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"tokenizer_name_or_path {config.tokenizer_name_or_path!r} is not a tokenizer folder or reachable Hub id: {error}"
+            ) from error
+        config.codebook_size = tokenizer_config.codebook_size
+    return config.codebook_size
+
+
+def load_frozen_tokenizer(config: HistoMIMConfig) -> nn.Module:
+    """BEiT's visual tokenizer from `config.tokenizer_name_or_path`, frozen, checked against the config:
+    the same patch grid, codebook size and pixel normalisation."""
+    from transformers import AutoModel
+
+    source = config.tokenizer_name_or_path
+    try:
+        tokenizer = AutoModel.from_pretrained(source, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"tokenizer_name_or_path {source!r} does not load: {error}") from error
+    if not hasattr(tokenizer, "get_codebook_indices"):
+        raise ValueError(f"tokenizer_name_or_path {source!r} is a {type(tokenizer).__name__}, not a visual tokenizer")
+    mine = (config.image_size, config.patch_size, config.codebook_size, list(config.normalization_mean), list(config.normalization_std))
+    theirs = tokenizer.config
+    theirs = (theirs.image_size, theirs.patch_size, theirs.codebook_size, list(theirs.normalization_mean), list(theirs.normalization_std))
+    if mine != theirs:
+        raise ValueError(
+            f"tokenizer {source!r} has (image_size, patch_size, codebook_size, normalization mean, std) = {theirs}, "
+            f"the BEiT config {mine}: its codes would not be targets for these patches"
+        )
+    return tokenizer.requires_grad_(False).eval()
 
 
 # --------------------------------------------------------------------------- classification

@@ -58,9 +58,25 @@ class PretrainArguments:
     output_dir: str = HfArg(
         default=DEFAULT_OUTPUT_DIR, help=f"Where the model, plots and checkpoints go (default: {DEFAULT_OUTPUT_DIR})."
     )
-    objective: Literal["mae", "simmim"] | None = HfArg(
-        default=None, help="Pretraining objective (default: the config's)."
+    objective: Literal["mae", "simmim", "beit", "latent", "tokenizer"] | None = HfArg(
+        default=None,
+        help="Pretraining objective (default: the config's): mae, simmim, beit (predicts the codes of --tokenizer), "
+        "latent (regresses an EMA teacher's features), or tokenizer (trains a visual tokenizer for beit, distilling "
+        "--teacher, or reconstructing pixels without one). See docs/mim_family.md.",
     )
+    tokenizer: str | None = HfArg(
+        default=None,
+        help="With --objective beit: the trained visual tokenizer (folder or Hub id) whose codes are the targets.",
+    )
+    teacher: str | None = HfArg(
+        default=None,
+        help="With --objective tokenizer: the frozen encoder (histomim or any AutoModel folder or Hub id, same patch "
+        "size) whose patch features the tokenizer learns to reconstruct (VQ-KD); without it, pixels (VQ-VAE).",
+    )
+    codebook_size: int = HfArg(
+        default=8192, help="With --objective tokenizer: number of codes (default: 8192; use fewer for small data)."
+    )
+    codebook_dim: int = HfArg(default=32, help="With --objective tokenizer: width of each code (default: 32).")
     mask_ratio: float | None = HfArg(default=None, help="Share of patches masked, in (0, 1) (default: the config's).")
     image_size: int | None = HfArg(
         default=None,
@@ -207,6 +223,9 @@ def with_demo_defaults(args: PretrainArguments) -> PretrainArguments:
     if args.data and args.demo:
         raise ValueError("--demo trains on the sample slide: give --data or --demo, not both")
     trackers(args.report_to)
+    for flag, objective in (("teacher", "tokenizer"), ("tokenizer", "beit")):
+        if getattr(args, flag) is not None and args.objective != objective:
+            raise ValueError(f"--{flag} is used by --objective {objective} only, not with --objective {args.objective}")
     args = replace(args, demo=args.is_demo)  # recorded, and calling this again changes nothing
     demo = DEMO_DEFAULTS if args.demo else {}
     args = replace(args, **{name: value for name, value in demo.items() if getattr(args, name) is None})

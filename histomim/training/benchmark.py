@@ -24,9 +24,13 @@ from pathlib import Path
 
 import torch
 
-from ..export import from_vit_mae, from_vit_simmim, vit_encoder_settings
+from ..export import from_beit, from_vit_mae, from_vit_simmim, vit_encoder_settings
 from ..mim.configuration_histomim import HistoMIMConfig
-from ..mim.masking import block_random_mask, num_visible_patches
+from ..mim.masking import block_random_mask, block_wise_masking, num_visible_patches
+
+BEIT_CODEBOOK_SIZE = 8192  # BEiT v2's codebook: the width of the BEiT head in both implementations
+# The benchmark feeds random codes as BEiT's labels: no tokenizer is loaded (nor timed, as in transformers' BEiT).
+BENCHMARK_TOKENIZER = "none (the benchmark passes random codes as labels)"
 
 
 # --------------------------------------------------------------------------- FLOP counting
@@ -55,7 +59,8 @@ def training_flops_per_image(config: HistoMIMConfig) -> float:
     else:
         macs = patches * pixels_per_patch * config.hidden_size  # patch embedding
         macs += transformer_macs(1 + patches, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
-        macs += patches * config.hidden_size * pixels_per_patch  # SimMIM head
+        head_outputs = config.codebook_size if config.objective == "beit" else pixels_per_patch
+        macs += patches * config.hidden_size * head_outputs  # SimMIM's pixel head or BEiT's head over the codebook
     return 6.0 * macs
 
 
@@ -83,7 +88,7 @@ def synchronize(device: torch.device) -> None:
 
 def reference_and_histomim(config: HistoMIMConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     """transformers' model for `config.objective` and the histomim model holding the same weights."""
-    from transformers import ViTConfig, ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEForPreTraining
+    from transformers import BeitConfig, BeitForMaskedImageModeling, ViTConfig, ViTForMaskedImageModeling, ViTMAEConfig, ViTMAEForPreTraining
 
     shared = dict(**vit_encoder_settings(config), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     if config.objective == "mae":
@@ -97,6 +102,15 @@ def reference_and_histomim(config: HistoMIMConfig) -> tuple[torch.nn.Module, tor
             reference.vit.embeddings.position_embeddings.normal_(0, 0.02)
             reference.decoder.decoder_pos_embed.normal_(0, 0.02)
         return reference, from_vit_mae(reference)
+    if config.objective == "beit":
+        # BEiT in the layout histomim shares: absolute positions, no relative position bias, no layer scale
+        settings = {name: value for name, value in shared.items() if name != "qkv_bias"}  # BEiT: q and v biases
+        reference = BeitForMaskedImageModeling(BeitConfig(
+            **settings, vocab_size=config.codebook_size, use_mask_token=True, use_absolute_position_embeddings=True,
+            use_relative_position_bias=False, use_shared_relative_position_bias=False, layer_scale_init_value=0.0,
+            use_mean_pooling=True, drop_path_rate=0.0,
+        ))
+        return reference, from_beit(reference, mask_ratio=config.mask_ratio, tokenizer_name_or_path=config.tokenizer_name_or_path)
     reference = ViTForMaskedImageModeling(ViTConfig(**shared, encoder_stride=config.patch_size))
     return reference, from_vit_simmim(reference, mask_ratio=config.mask_ratio, mask_patch_size=config.mask_patch_size)
 
@@ -107,14 +121,25 @@ def objective_config(config: HistoMIMConfig, objective: str) -> HistoMIMConfig:
     if objective == config.objective:
         return config
     usual = {"mae": dict(mask_ratio=0.75, mask_patch_size=None, norm_pix_loss=True),
-             "simmim": dict(mask_ratio=0.6, mask_patch_size=None, norm_pix_loss=False)}[objective]
+             "simmim": dict(mask_ratio=0.6, mask_patch_size=None, norm_pix_loss=False),
+             "beit": dict(mask_ratio=0.4, mask_patch_size=None, norm_pix_loss=False, codebook_size=BEIT_CODEBOOK_SIZE,
+                          tokenizer_name_or_path=BENCHMARK_TOKENIZER)}[objective]  # fmt: skip
     return HistoMIMConfig(**{**config.to_dict(), "objective": objective, **usual})
 
 
-def reference_inputs(config: HistoMIMConfig, batch: int, device: torch.device) -> dict:
-    """Inputs transformers' models need for one step: MAE masks internally, SimMIM takes a mask."""
+def reference_inputs(config: HistoMIMConfig, batch: int, device: torch.device, implementation: str = "transformers",
+                     generator: torch.Generator | None = None) -> dict:
+    """Inputs of one step: MAE masks internally, SimMIM takes a mask, BEiT a block-wise mask and the codes of the
+    patches (random; transformers takes those of the masked patches only, histomim all (B, L))."""
     if config.objective == "mae":
         return {}
+    if config.objective == "beit":
+        grid = config.image_size // config.patch_size
+        mask = block_wise_masking(batch, (grid, grid), config.mask_ratio, config.block_min_num_patches,
+                                  config.block_min_aspect, generator=generator)  # fmt: skip
+        labels = torch.randint(config.codebook_size, (batch, grid * grid), generator=generator)
+        labels = labels[mask] if implementation == "transformers" else labels
+        return {"bool_masked_pos": mask.to(device), "labels": labels.to(device)}
     grid = config.image_size // config.patch_size
     return {"bool_masked_pos": block_random_mask(batch, grid, config.mask_patch_size, config.patch_size,
                                                  config.mask_ratio, device=device)}
@@ -219,6 +244,11 @@ def shared_mask_loss(model, config: HistoMIMConfig, pixels: torch.Tensor, dtype:
     """`model`'s loss on `pixels` for a mask drawn from seed 0 (the same for every variant), without grad."""
     generator = torch.Generator().manual_seed(0)
     batch = pixels.shape[0]
+    if config.objective == "beit":
+        implementation = "histomim" if hasattr(model, "histomim") else "transformers"
+        masking = reference_inputs(config, batch, pixels.device, implementation, generator)
+        with torch.no_grad(), torch.autocast(pixels.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return model(pixels, **masking).loss.item()
     noise = torch.rand(config.mask_noise_shape(batch), generator=generator).to(pixels.device)
     if config.objective == "mae":
         masking = {"noise": noise}
@@ -314,7 +344,7 @@ def run_benchmark(
                 model = torch.compile(model, mode=variant.compile_mode)
             if torch_device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(torch_device)
-            inputs_fn = lambda: reference_inputs(run_config, batch_size, torch_device)  # noqa: E731
+            inputs_fn = lambda: reference_inputs(run_config, batch_size, torch_device, variant.implementation)  # noqa: E731
             step_s = statistics.median(time_training_steps(
                 model, inputs_fn, pixels, torch_device, torch_dtype, steps, warmup, variant.fused_adamw,
                 cuda_graphs=variant.compile_mode == "reduce-overhead"))

@@ -1,4 +1,5 @@
-"""Masked image modeling pretraining (MAE or SimMIM) of a HistoMIM encoder with Accelerate.
+"""Masked image modeling pretraining of a HistoMIM encoder with Accelerate (MAE, SimMIM, BEiT, latent targets),
+and the training of BEiT's visual tokenizer (``--objective tokenizer``) by the same loop.
 
     histomim pretrain                                            # the built-in demo (see below)
     accelerate launch -m histomim.cli pretrain --config histomim-vitb16 --data slides/ --epochs 100
@@ -37,7 +38,8 @@ import torch
 
 from ..atomic import atomic_path, give_normal_permissions
 from ..data.sources import prepare_tiles
-from ..mim import HistoMIMConfig, HistoMIMForPreTraining, image_processor_for
+from ..mim import HistoMIMConfig, HistoMIMForPreTraining, HistoMIMTokenizerConfig, image_processor_for, tokenizer_for_teacher
+from ..mim.configuration_histomim import DEFAULT_MASK_RATIOS
 from ..presets import config_source, preset_names
 from ..run_report import card_info, print_loss_summary, public_summary, run_summary
 from .arguments import PretrainArguments, trackers, with_demo_defaults
@@ -58,6 +60,8 @@ from .float8 import convert_to_float8
 
 VISUALIZATION_KEY = 0x5EED  # keys the fixed mask noise of the reconstruction grids
 NUM_VISUALIZED = 6
+CODEBOOK_METRICS = ("perplexity", "codebook_usage")
+CODEBOOK_REPORT_TILES = 1024  # tiles over which a trained tokenizer's code usage is reported
 
 
 @dataclass
@@ -65,7 +69,7 @@ class PretrainResult:
     """What `pretrain` returns on every process."""
 
     output_dir: Path
-    model: HistoMIMForPreTraining  # unwrapped, trained
+    model: HistoMIMForPreTraining  # unwrapped, trained (a HistoMIMTokenizer with --objective tokenizer)
     losses: list[float]  # mean loss of every optimizer step, all processes
     summary: dict[str, Any]  # also saved as pretrain_summary.json
 
@@ -139,16 +143,42 @@ def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoM
         raise ValueError(
             f"--config {args.config!r} is a {settings.get('model_type')!r} config, not {HistoMIMConfig.model_type!r}"
         )
-    if args.objective is not None and args.objective != settings.get("objective"):
-        settings["objective"] = args.objective
+    # a tokenizer's encoder is the config's ViT; its own settings come from the tokenizer flags (see build_model)
+    objective = args.objective if args.objective != "tokenizer" else None
+    if objective is not None and objective != settings.get("objective"):
+        settings["objective"] = objective
+        if objective in ("beit", "latent"):  # their own usual ratio, not the preset's (MAE's or SimMIM's)
+            settings["mask_ratio"] = DEFAULT_MASK_RATIOS[objective]
     if args.mask_ratio is not None:
         settings["mask_ratio"] = args.mask_ratio
+    if args.tokenizer is not None and args.tokenizer != settings.get("tokenizer_name_or_path"):
+        settings["tokenizer_name_or_path"] = args.tokenizer
+        settings["codebook_size"] = None  # read from the new tokenizer
     settings["image_size"] = args.image_size or settings.get("image_size", 224)
     # metadata for the card and the users: the resolution the encoder learned, known from the tiling or
     # --tile-mpp; a preset's value is what it was designed for, not what these tiles are
     settings["target_mpp"] = tile_mpp
     settings["magnification"] = round(10.0 / tile_mpp, 1) if tile_mpp else None  # 0.5 um/px ~ 20x
     return HistoMIMConfig.from_dict(settings)
+
+
+def build_model(args: PretrainArguments, config: HistoMIMConfig):
+    """The model the run trains, with its training-only targets attached (BEiT's tokenizer, the latent objective's
+    teacher, a tokenizer's teacher): a `HistoMIMForPreTraining`, or a `HistoMIMTokenizer` with --objective tokenizer."""
+    if args.objective == "tokenizer":
+        tokenizer_config = HistoMIMTokenizerConfig(
+            encoder_config=config, codebook_size=args.codebook_size, codebook_dim=args.codebook_dim,
+            target="teacher" if args.teacher else "pixels", teacher_name_or_path=args.teacher,
+        )  # fmt: skip
+        return tokenizer_for_teacher(tokenizer_config)
+    model = HistoMIMForPreTraining(config)
+    model.prepare_targets()
+    return model
+
+
+def has_pixel_reconstruction(config) -> bool:
+    """Whether the objective predicts pixels, so that reconstruction grids can show its predictions."""
+    return getattr(config, "objective", None) in ("mae", "simmim")
 
 
 def make_accelerator(args: PretrainArguments):
@@ -261,7 +291,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
 
     # 2. model, optimizer (lr scaled by the global batch, as MAE) and warmup + cosine schedule
     set_seed(args.seed)  # the same initialisation on every process
-    model = HistoMIMForPreTraining(config)
+    model = build_model(args, config)
+    config = model.config  # a tokenizer's own config, around the encoder's
     if args.float8:
         accelerator.print(f"float8: {convert_to_float8(model)} linears run their matmuls in float8")
     schedule = Schedule.for_run(args, len(dataloader), accelerator.num_processes)
@@ -296,7 +327,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     # 4. train, with logging, reconstruction grids and checkpoints after optimizer steps
     if args.report_to != "none":
         accelerator.init_trackers(output_dir.name, config=tracker_config(args))
-    visual_batch = visualization_batch(tiles.source, config) if accelerator.is_main_process else None
+    reconstructs = has_pixel_reconstruction(config)
+    visual_batch = visualization_batch(tiles.source, config) if accelerator.is_main_process and reconstructs else None
     progress = tqdm(total=schedule.total_steps, initial=state.step, desc="pretraining", unit="step",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     start = time.perf_counter()
@@ -319,7 +351,7 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
         progress.set_postfix({name: f"{value:.4g}" for name, value in metrics.items()})
         if args.report_to != "none":
             accelerator.log({f"train/{name}": value for name, value in metrics.items()}, step=state.step)
-        if accelerator.is_main_process and args.reconstruction_steps and state.step % args.reconstruction_steps == 0:
+        if reconstructs and accelerator.is_main_process and args.reconstruction_steps and state.step % args.reconstruction_steps == 0:
             grid = output_dir / "reconstructions" / f"step_{state.step:06d}.png"
             save_reconstructions(accelerator, model, visual_batch, grid, state.step, args.seed)
             if args.report_to != "none":
@@ -343,6 +375,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
                                "diverged; lower --base-lr or set --max-grad-norm)")  # fmt: skip
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     summary = run_summary(args, accelerator, unwrapped, tiles, len(dataset), state, schedule, elapsed)
+    if accelerator.is_main_process and args.objective == "tokenizer":
+        summary["codebook"] = codebook_report(accelerator, unwrapped, tiles.source)
     if accelerator.is_main_process:
         save_outputs(accelerator, output_dir, unwrapped, state_dict, visual_batch, summary, args)
         print_loss_summary(summary, output_dir)
@@ -367,7 +401,8 @@ def train_one_epoch(
     """
     from ..data.transforms import DeviceAugmentation
 
-    config = accelerator.unwrap_model(model).config
+    unwrapped = accelerator.unwrap_model(model)
+    config = unwrapped.config
     device_augmentation = (
         DeviceAugmentation(config.image_size, config.normalization_mean, config.normalization_std) if args.augment_on_device else None
     )
@@ -380,13 +415,15 @@ def train_one_epoch(
         pixel_values = batch["pixel_values"]  # (B, C, H, W)
         with accelerator.accumulate(model):
             generator = seed_micro_step(args.seed, state.micro_step, accelerator.process_index)
-            noise = torch.rand(config.mask_noise_shape(len(pixel_values)), generator=generator)  # (B, blocks)
+            noise_shape = config.mask_noise_shape(len(pixel_values))  # None: the model masks nothing
+            noise = torch.rand(noise_shape, generator=generator).to(accelerator.device) if noise_shape else None
             if device_augmentation:  # (B, 3, H, W) uint8 tiles -> augmented, normalised float32
                 device_generator = torch.Generator(pixel_values.device).manual_seed(
                     derive_seed(args.seed, state.micro_step, accelerator.process_index, 2)
                 )
                 pixel_values = device_augmentation(pixel_values, device_generator)
-            loss = model(pixel_values=pixel_values, noise=noise.to(accelerator.device)).loss
+            outputs = model(pixel_values=pixel_values, noise=noise)
+            loss = outputs.loss
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
@@ -403,6 +440,7 @@ def train_one_epoch(
 
         # an optimizer step is done: its loss is the mean over micro-batches and processes
         state.step += 1
+        unwrapped.after_optimizer_step(state.step, total_steps)  # the latent objective's EMA teacher update
         step_loss = accelerator.reduce(loss_sum / micro_batches, reduction="mean").item()
         if not math.isfinite(step_loss):
             raise FloatingPointError(
@@ -411,7 +449,10 @@ def train_one_epoch(
         state.losses.append(step_loss)
         num_images = micro_batches * len(pixel_values) * accelerator.num_processes
         loss_sum, micro_batches = 0.0, 0
-        after_step({"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)}, num_images)
+        metrics = {"loss": step_loss, "lr": lr, "grad_norm": float(grad_norm)}
+        # a tokenizer's codebook health on the last micro-batch (perplexity, fraction of codes used)
+        metrics |= {name: float(getattr(outputs, name)) for name in CODEBOOK_METRICS if getattr(outputs, name, None) is not None}
+        after_step(metrics, num_images)
         if state.step >= total_steps:
             return
     state.epoch += 1
@@ -476,6 +517,27 @@ def save_reconstructions(accelerator, model, pixel_values: torch.Tensor, path: P
     )
 
 
+@torch.no_grad()
+def codebook_report(accelerator, tokenizer, source: str, max_tiles: int = CODEBOOK_REPORT_TILES) -> dict[str, Any]:
+    """A trained tokenizer's codes over (up to `max_tiles`) unaugmented training tiles: the fraction of the
+    codebook used, the perplexity of the code histogram, and how many tiles and tokens that counts."""
+    from ..data.tiles import load_tile_dataset
+    from ..data.transforms import eval_transform
+    from ..mim.modeling_tokenizer import code_statistics
+
+    config = tokenizer.config
+    tiles = load_tile_dataset(source, transform=eval_transform(config.image_size, config.normalization_mean, config.normalization_std))
+    count = min(len(tiles), max_tiles)
+    indices = []
+    for start in range(0, count, 64):
+        batch = torch.stack([tiles[i]["pixel_values"] for i in range(start, min(start + 64, count))])
+        with accelerator.autocast():
+            indices.append(tokenizer.get_codebook_indices(batch.to(accelerator.device)).cpu())
+    perplexity, usage = code_statistics(torch.cat(indices), config.codebook_size)
+    return {"codebook_size": config.codebook_size, "codebook_dim": config.codebook_dim, "target": config.target,
+            "usage": float(usage), "perplexity": float(perplexity), "tiles": count, "tokens": int(torch.cat(indices).numel())}  # fmt: skip
+
+
 def log_image(accelerator, name: str, png: Path, step: int) -> None:
     """Send a PNG to every tracker that takes images (TensorBoard wants NHWC arrays, the others a list)."""
     from PIL import Image
@@ -496,16 +558,17 @@ def save_outputs(
     from ..hub import write_model_card
     from .plots import save_loss_curve
 
-    model.save_pretrained(output_dir, state_dict=state_dict)
+    model.save_pretrained(output_dir, state_dict=state_dict)  # without training-only tokenizer or teacher
     for weights in output_dir.glob("*.safetensors"):
         give_normal_permissions(weights)
     # the summary's loss of record is that of the file written, not of the last training step (taken before its update)
     summary["saved_model_loss"] = saved_model_loss(accelerator, output_dir, visual_batch, args.seed)
     summary["saved_model_loss_tiles"] = len(visual_batch)
     image_processor_for(model.config).save_pretrained(output_dir)
-    save_reconstructions(
-        accelerator, model, visual_batch, output_dir / "reconstruction.png", summary["steps"], args.seed
-    )
+    if visual_batch is not None:
+        save_reconstructions(
+            accelerator, model, visual_batch, output_dir / "reconstruction.png", summary["steps"], args.seed
+        )
     losses = summary.pop("losses")
     save_loss_curve(range(1, len(losses) + 1), losses, output_dir / "loss_curve.png",
                     title=f"{model.config.objective.upper()} loss ({summary['model_name']})")  # fmt: skip
