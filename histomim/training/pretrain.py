@@ -97,7 +97,9 @@ RESUME_SETTINGS = {
 
 def run_settings(args: PretrainArguments, config: HistoMIMConfig) -> dict[str, Any]:
     """The `RESUME_SETTINGS` of this run (effective values: the config's mask ratio, objective and image size)."""
-    settings = {"mask_ratio": config.mask_ratio, "objective": config.objective, "image_size": config.image_size}
+    # a tokenizer's config has no mask ratio or objective: those are the arguments'
+    settings = {"mask_ratio": getattr(config, "mask_ratio", args.mask_ratio),
+                "objective": getattr(config, "objective", args.objective), "image_size": config.image_size}  # fmt: skip
     return {name: settings.get(name, getattr(args, name, None)) for name in RESUME_SETTINGS}
 
 
@@ -328,7 +330,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     if args.report_to != "none":
         accelerator.init_trackers(output_dir.name, config=tracker_config(args))
     reconstructs = has_pixel_reconstruction(config)
-    visual_batch = visualization_batch(tiles.source, config) if accelerator.is_main_process and reconstructs else None
+    # fixed tiles for the reconstruction grids and the saved model's loss of record
+    visual_batch = visualization_batch(tiles.source, config) if accelerator.is_main_process else None
     progress = tqdm(total=schedule.total_steps, initial=state.step, desc="pretraining", unit="step",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     start = time.perf_counter()
@@ -481,19 +484,34 @@ def visualization_batch(source: str, config: HistoMIMConfig) -> torch.Tensor:
 @torch.no_grad()
 def fixed_mask_outputs(accelerator, model, pixel_values: torch.Tensor, seed: int):
     """The model's outputs in eval mode on ``pixel_values`` ``(N, C, H, W)`` with the fixed visualization masks."""
-    noise = torch.rand(model.config.mask_noise_shape(len(pixel_values)), generator=seeded_generator(seed, VISUALIZATION_KEY))
+    shape = model.config.mask_noise_shape(len(pixel_values))  # None: the model masks nothing (a tokenizer)
+    noise = None if shape is None else torch.rand(shape, generator=seeded_generator(seed, VISUALIZATION_KEY))
     was_training = model.training
     model.eval()
     with accelerator.autocast():
-        outputs = model(pixel_values=pixel_values.to(accelerator.device), noise=noise.to(accelerator.device))
+        outputs = model(pixel_values=pixel_values.to(accelerator.device),
+                        noise=None if noise is None else noise.to(accelerator.device))  # fmt: skip
     model.train(was_training)
     return outputs
 
 
 @torch.no_grad()
-def saved_model_loss(accelerator, output_dir: Path, pixel_values: torch.Tensor, seed: int) -> float:
-    """The loss of the weights as saved: ``model.safetensors`` reloaded and run on the fixed visualization tiles."""
-    saved = HistoMIMForPreTraining.from_pretrained(output_dir).to(accelerator.device)
+def saved_model_loss(accelerator, model, output_dir: Path, pixel_values: torch.Tensor, seed: int) -> float:
+    """The loss of the weights as saved: the ``*.safetensors`` written, loaded into a copy of the trained model
+    (which keeps the training-only targets, a tokenizer or teacher, that are not saved), on the fixed
+    visualization tiles."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    saved = copy.deepcopy(model)
+    weights = {}
+    for shard in sorted(output_dir.glob("*.safetensors")):
+        weights.update(load_file(str(shard)))
+    missing, unexpected = saved.load_state_dict(weights, strict=False)
+    missing = [name for name in missing if not name.startswith(("tokenizer.", "teacher."))]
+    if missing or unexpected:
+        raise RuntimeError(f"{output_dir}: the saved weights do not match the model (missing {missing}, unexpected {unexpected})")
     return float(fixed_mask_outputs(accelerator, saved, pixel_values, seed).loss)
 
 
@@ -562,10 +580,10 @@ def save_outputs(
     for weights in output_dir.glob("*.safetensors"):
         give_normal_permissions(weights)
     # the summary's loss of record is that of the file written, not of the last training step (taken before its update)
-    summary["saved_model_loss"] = saved_model_loss(accelerator, output_dir, visual_batch, args.seed)
+    summary["saved_model_loss"] = saved_model_loss(accelerator, model, output_dir, visual_batch, args.seed)
     summary["saved_model_loss_tiles"] = len(visual_batch)
     image_processor_for(model.config).save_pretrained(output_dir)
-    if visual_batch is not None:
+    if has_pixel_reconstruction(model.config):
         save_reconstructions(
             accelerator, model, visual_batch, output_dir / "reconstruction.png", summary["steps"], args.seed
         )
