@@ -98,6 +98,9 @@ def _read_manifest(tiles):
         path = TileFolder(path).manifest_path if path.is_dir() else path
         if not path.exists():
             raise FileNotFoundError(f"no tile manifest at {path}; run `histomim tile` first")
+        tile_folder = TileFolder.containing(path)
+        if tile_folder is not None:  # an interrupted tiling run leaves a manifest that lacks slides
+            tile_folder.require_complete()
         manifest = pd.read_parquet(path)
     missing = {"slide_id", "x", "y", "path"} - set(manifest.columns)
     if missing:

@@ -165,6 +165,7 @@ def load_tile_dataset(
 
     Raises:
         FileNotFoundError: a local path that does not exist, or an id that cannot be loaded.
+        IncompleteTileFolderError: a `tile_slides` folder (or part of one) whose run did not finish.
         ValueError: a folder with nothing to load, or rows with neither an Image column nor manifest columns.
     """
     rows = _load_rows(source, split, streaming)
@@ -196,6 +197,9 @@ def _load_rows(source: str | Path | pd.DataFrame, split: str, streaming: bool):
     if isinstance(source, pd.DataFrame):
         return _manifest_rows(source, "the DataFrame")
     path = Path(source)
+    tile_folder = TileFolder.containing(path) if path.exists() else None
+    if tile_folder is not None:  # its manifests and tiles lack slides until its tiling run has finished
+        tile_folder.require_complete()
     if path.is_file():
         if path.suffix.lower() != ".parquet":
             raise ValueError(f"unsupported file {path}: expected a .parquet manifest or dataset (or pass a folder)")
