@@ -305,9 +305,12 @@ def test_changed_settings_are_detected_not_skipped(tmp_path):
 
 
 def test_a_tile_folder_from_an_interrupted_run_says_so(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    from histomim import HistoMIMModel
     from histomim.data import tiling
+    from histomim.features import extract_features
     from histomim.data.tiles import load_tile_dataset
-    from histomim.data.tiling import IncompleteTileFolderError
 
     second = tmp_path / "second.svs"
     shutil.copy(sample_slide_path(), second)
@@ -328,8 +331,11 @@ def test_a_tile_folder_from_an_interrupted_run_says_so(tmp_path, monkeypatch):
     monkeypatch.undo()
     # the stale manifest.parquet of the first run lacks the second slide: no consumer may use it as complete
     for source in (out, out / "manifest.parquet", out / "manifests"):
-        with pytest.raises(IncompleteTileFolderError, match=f"{out}.*did not finish.*rerun"):
+        with pytest.raises(ValueError, match=f"{out} is an unfinished tile folder.*did not finish.*rerun") as refused:
             load_tile_dataset(source)
+        assert type(refused.value).__name__ == "IncompleteTileFolderError"
+    with pytest.raises(ValueError, match="unfinished tile folder"):
+        extract_features(HistoMIMModel(tiny_config()), out, tmp_path / "features")
     rerun = tile_slides([sample_slide_path(), second], out, **FAST)
     assert rerun.skipped == [str(sample_slide_path())] and rerun.tiled == [str(second)]
     assert set(load_tile_dataset(out, keep_columns=["slide_id"]).rows["slide_id"]) == {"CMU-1-Small-Region", "second"}

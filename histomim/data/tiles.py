@@ -108,6 +108,8 @@ class _RowToItem:
                 return read_tile(row)
             value = row[self.image_column]
             if self.image_feature is not None and isinstance(value, dict):
+                if value.get("bytes") is None and value.get("path") and os.path.isfile(value["path"]):
+                    value = {**value, "bytes": Path(value["path"]).read_bytes()}  # no file left open if it fails
                 return self.image_feature.decode_example(value)
             return value
         except Exception as error:  # every reader and decoder raises its own types (OSError, Jpeg8Error, ...)
