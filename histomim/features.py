@@ -86,7 +86,7 @@ def extract_features(
     todo = [slide_id for slide_id, _ in slides if overwrite or not targets[slide_id].exists()]
     if not overwrite:
         stale = {slide_id: changes for slide_id, _ in slides if targets[slide_id].exists()
-                 and (changes := provenance_changes(read_feature_provenance(targets[slide_id]), records[slide_id]))}  # fmt: skip
+                 and (changes := _changes_since(targets[slide_id], records[slide_id]))}  # fmt: skip
         if stale:
             raise ValueError(
                 f"{out_dir} holds features that are not those of this run; pass --overwrite (overwrite=True) to "
@@ -189,6 +189,14 @@ def read_feature_provenance(path: str | Path) -> dict | None:
     with safe_open(str(path), framework="pt") as file:
         record = (file.metadata() or {}).get(PROVENANCE_KEY)
     return json.loads(record) if record else None
+
+
+def _changes_since(target: Path, record: dict) -> list[str]:
+    try:
+        previous = read_feature_provenance(target)
+    except Exception as error:  # a truncated or foreign file under the name: never "done"
+        return [f"unreadable ({type(error).__name__}: {error})"]
+    return provenance_changes(previous, record)
 
 
 def provenance_changes(previous: dict | None, current: dict) -> list[str]:

@@ -142,6 +142,9 @@ def test_feature_files_record_their_provenance_and_stale_ones_are_refused(tiled,
         assert target.stat().st_mtime_ns == mtime  # nothing replaced, nothing computed
 
     before = load_tile_features(target)
+    (out / "broken.safetensors").write_bytes(target.read_bytes()[:100])  # a file cut short under a slide's name
+    with pytest.raises(ValueError, match=r"broken.safetensors: unreadable"):
+        extract_features(first, manifest.assign(slide_id="broken"), out)
     extract_features(second, manifest, out, overwrite=True)
     assert read_feature_provenance(target)["weights_sha256"] != record["weights_sha256"]
     assert not torch.allclose(load_tile_features(target), before)

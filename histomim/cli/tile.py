@@ -22,7 +22,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "slides", nargs="+", help=f"slide files and/or folders (searched recursively for {' '.join(SLIDE_EXTENSIONS)})"
     )
     parser.add_argument(
-        "--out", required=True, help="output folder: manifests/, overlays/, manifest.parquet, errors.json"
+        "--out", required=True, help="output folder: manifests/, overlays/, manifest.parquet, errors.json, complete.json (written last)"
     )
     parser.add_argument(
         "--mpp", type=float, default=0.5, help="target resolution of the tiles in um/px (default: 0.5, i.e. 20x)"

@@ -389,11 +389,11 @@ def tile_slides(
 
     # 1. what is done, what is left, and what another file or setting made (refused before any change)
     report = TilingReport(manifest=pd.DataFrame())
-    records = {path: {"slide": slide_identity(path), "mpp_override": mpp_override} for path in slides}
+    records = {path: {"slide": slide_identity(path), "mpp_override": mpp_override} for path in slides if path.is_file()}
     todo, stale = [], []
     for path in slides:
         previous = None if settings_changed else folder.read_slide_record(path.stem)
-        if previous is None:  # not tiled, or by a histomim that recorded nothing: tile it
+        if previous is None or path not in records:  # not tiled, by a histomim that recorded nothing, or missing
             todo.append(path)
         elif previous != records[path]:
             stale.append(path)
