@@ -3,10 +3,17 @@
 Output per slide: `<out_dir>/<slide_id>.safetensors` with `features` (N, D) float32 and `coords` (N, 2)
 int64 level-0 (x, y), in manifest order. These files are what MIL and fusion models read
 (`histomim.multimodal`), and what survival tables point to in their slide-features column.
+
+Each file's metadata holds a provenance record (`read_feature_provenance`): the encoder (name or path,
+revision, hashes of its weights, config and preprocessing), the slide file (`slide_identity`), its
+level-0 size, the tiles' mpp and size and a hash of the tile set. A rerun compares it, so features of
+another model, other tiles or another slide under the same id are never kept as if they were current.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -41,14 +48,21 @@ def extract_features(
     Tiles are read from the slides on the fly and preprocessed by the encoder's image processor
     (`image_processor_for`: resized to the encoder's size, or `image_size`, and normalized as it was
     trained): the preprocessing of the model card's `AutoImageProcessor` snippet, so both give the same
-    features. Slides whose feature file exists are skipped unless `overwrite`; each file is written
-    atomically, so an interrupted run never leaves a truncated one.
+    features. A slide whose feature file exists with the same provenance (encoder, slide file, tiles)
+    is skipped; each file is written atomically, so an interrupted run never leaves a truncated one and
+    a rerun keeps every finished slide.
 
     Returns: {slide_id: feature file path} for every slide in the manifest.
+
+    Raises:
+        ValueError: a slide id with tiles from two slide files (merged manifests), or without
+            ``overwrite``: a feature file in ``out_dir`` made with another encoder, other tiles or
+            from another slide file (all are named before anything is computed).
     """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from .data.slides import open_slide
     from .data.tiles import load_tile_dataset
     from .mim.image_processing_histomim import ProcessorTransform, image_processor_for
 
@@ -56,20 +70,34 @@ def extract_features(
     encoder = load_encoder(model_or_path, device)
     config = encoder.config
     size = image_size or config.image_size
-    transform = ProcessorTransform(image_processor_for(config, image_size=size))
+    processor = image_processor_for(config, image_size=size)
+    transform = ProcessorTransform(processor)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     manifest = _read_manifest(tiles)
+    slides = list(manifest.groupby("slide_id", sort=False))
     # every file name first: a crafted slide_id is refused before anything is written
     targets = {slide_id: child_path(out_dir, f"{slide_id}.safetensors", "the tile manifest's slide_id")
-               for slide_id in manifest["slide_id"].unique()}  # fmt: skip
-    outputs: dict[str, Path] = {}
-    for slide_id, rows in tqdm(list(manifest.groupby("slide_id", sort=False)), desc="extracting features", unit="slide"):
-        target = targets[slide_id]
-        outputs[slide_id] = target
-        if target.exists() and not overwrite:
-            continue
+               for slide_id, _ in slides}  # fmt: skip
+    # 1. what each file would record; refuse stale files (another model, tiles or slide) before any work
+    encoder_record = encoder_provenance(encoder, model_or_path, processor)
+    records = {slide_id: {**encoder_record, **tile_set_provenance(slide_id, rows)} for slide_id, rows in slides}
+    todo = [slide_id for slide_id, _ in slides if overwrite or not targets[slide_id].exists()]
+    if not overwrite:
+        stale = {slide_id: changes for slide_id, _ in slides if targets[slide_id].exists()
+                 and (changes := _changes_since(targets[slide_id], records[slide_id]))}  # fmt: skip
+        if stale:
+            raise ValueError(
+                f"{out_dir} holds features that are not those of this run; pass --overwrite (overwrite=True) to "
+                "re-extract them, or use a new --out folder:\n"
+                + "\n".join(f"  {targets[slide_id]}: {'; '.join(changes)}" for slide_id, changes in stale.items())
+            )
+
+    # 2. extract what is left, one slide (one atomic file) at a time
+    rows_of = dict(slides)
+    for slide_id in tqdm(todo, desc="extracting features", unit="slide"):
+        rows = rows_of[slide_id]
         dataset = load_tile_dataset(rows.reset_index(drop=True), transform=transform)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         features = []
@@ -79,10 +107,113 @@ def extract_features(
                 output = encoder(pixels, interpolate_pos_encoding=size != config.image_size)
             features.append(output.pooler_output.float().cpu())  # (B, D)
         coords = torch.tensor(rows[["x", "y"]].to_numpy(), dtype=torch.int64).contiguous()  # (N, 2)
-        with atomic_path(target) as partial:
+        with open_slide(rows["path"].iloc[0]) as slide:
+            level0_size = list(slide.dimensions)
+        provenance = {**records[slide_id], "level0_size": level0_size, "device": str(device)}
+        with atomic_path(targets[slide_id]) as partial:
             save_file({"features": torch.cat(features), "coords": coords}, str(partial),
-                      metadata={"slide_id": str(slide_id), "encoder": type(encoder).__name__})
-    return outputs
+                      metadata={"slide_id": str(slide_id), "encoder": type(encoder).__name__,
+                                PROVENANCE_KEY: json.dumps(provenance)})  # fmt: skip
+    return {slide_id: targets[slide_id] for slide_id, _ in slides}
+
+
+# -- provenance ------------------------------------------------------------------------------------
+
+PROVENANCE_KEY = "provenance"  # safetensors metadata key of a feature file's provenance record (JSON)
+# what makes features stale when it changes; the rest (encoder path, device, ...) is for the reader
+_COMPARED = {
+    "weights_sha256": "encoder weights", "config_sha256": "encoder config",
+    "preprocessing_sha256": "preprocessing (--image-size, normalization)", "slide": "slide file",
+    "tiles_sha256": "tile set (coordinates, level, read size, tile size, mpp)",
+}  # fmt: skip
+# config entries that say where or how a model was loaded, not what it computes
+_UNCOMPUTED_CONFIG_KEYS = {"_name_or_path", "transformers_version", "_commit_hash", "architectures", "torch_dtype",
+                           "dtype", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation"}  # fmt: skip
+
+
+def _sha256_json(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encoder_provenance(encoder, source, processor) -> dict:
+    """Name or path, revision and hashes of the weights, config and preprocessing of an encoder."""
+    config = encoder.config
+    if isinstance(source, (str, Path)):
+        name = str(Path(source).resolve()) if Path(source).exists() else str(source)  # a folder, or a Hub id
+    else:
+        name = getattr(config, "_name_or_path", "") or type(encoder).__name__
+    weights = hashlib.sha256()
+    for key, tensor in sorted(encoder.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        weights.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        weights.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    computed = {k: v for k, v in config.to_dict().items() if k not in _UNCOMPUTED_CONFIG_KEYS}
+    return {
+        "encoder": name,
+        "encoder_class": type(encoder).__name__,
+        "revision": getattr(config, "_commit_hash", None),
+        "weights_sha256": weights.hexdigest(),
+        "config_sha256": _sha256_json(computed),
+        "preprocessing_sha256": _sha256_json(processor.to_dict()),
+    }
+
+
+def tile_set_provenance(slide_id: str, rows) -> dict:
+    """The slide file (`slide_identity`) and tiles behind one slide's features.
+
+    Raises:
+        ValueError: the slide id has tiles from two slide files (e.g. two manifests merged).
+    """
+    from .data.tiling import slide_identity
+
+    paths = sorted({str(Path(p).resolve()) for p in rows["path"]})
+    if len(paths) > 1:
+        raise ValueError(
+            f"slide_id {slide_id!r} has tiles from {len(paths)} slide files ({', '.join(paths)}): a merged manifest "
+            "of slides that share an id; give them distinct slide_ids (or extract them into separate --out folders)"
+        )
+    columns = [c for c in ("x", "y", "level", "read_size", "tile_size", "mpp") if c in rows]
+    return {
+        "slide": slide_identity(paths[0]),
+        "tiles_sha256": _sha256_json([columns, rows[columns].to_numpy().tolist()]),
+        "tile_count": len(rows),
+        "mpp": sorted(set(rows["mpp"].tolist())) if "mpp" in rows else None,
+        "tile_size": sorted(set(rows["tile_size"].tolist())) if "tile_size" in rows else None,
+    }
+
+
+def read_feature_provenance(path: str | Path) -> dict | None:
+    """The provenance record of a feature file written by `extract_features`; None if it has none."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        record = (file.metadata() or {}).get(PROVENANCE_KEY)
+    return json.loads(record) if record else None
+
+
+def _changes_since(target: Path, record: dict) -> list[str]:
+    try:
+        previous = read_feature_provenance(target)
+    except Exception as error:  # a truncated or foreign file under the name: never "done"
+        return [f"unreadable ({type(error).__name__}: {error})"]
+    return provenance_changes(previous, record)
+
+
+def provenance_changes(previous: dict | None, current: dict) -> list[str]:
+    """What differs between a feature file's record and this run's, in words; empty if nothing does."""
+    from .data.tiling import describe_slide_identity
+
+    if previous is None:
+        return ["no provenance record (written before histomim recorded one)"]
+    changes = []
+    for key, what in _COMPARED.items():
+        if previous.get(key) != current[key]:
+            if key == "slide":
+                before, now = describe_slide_identity(previous.get(key)), describe_slide_identity(current[key])
+            else:
+                before, now = str(previous.get(key))[:12], str(current[key])[:12]
+            changes.append(f"{what}: {before} -> {now}")
+    return changes
 
 
 def _read_manifest(tiles):
@@ -98,6 +229,9 @@ def _read_manifest(tiles):
         path = TileFolder(path).manifest_path if path.is_dir() else path
         if not path.exists():
             raise FileNotFoundError(f"no tile manifest at {path}; run `histomim tile` first")
+        tile_folder = TileFolder.containing(path)
+        if tile_folder is not None:  # an interrupted tiling run leaves a manifest that lacks slides
+            tile_folder.require_complete()
         manifest = pd.read_parquet(path)
     missing = {"slide_id", "x", "y", "path"} - set(manifest.columns)
     if missing:
@@ -148,4 +282,4 @@ def load_tile_features(path: str | Path) -> torch.Tensor:
     return features
 
 
-__all__ = ["extract_features", "load_tile_features", "load_encoder", "TILE_FEATURE_SUFFIXES"]
+__all__ = ["extract_features", "load_tile_features", "load_encoder", "read_feature_provenance", "TILE_FEATURE_SUFFIXES"]

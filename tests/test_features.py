@@ -118,3 +118,101 @@ def test_a_slide_id_that_is_a_path_is_refused_before_anything_is_written(tiled, 
         extract_features(tmp_path / "model", manifest, out)
     assert not any(out.iterdir()) and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["features"]
     assert not (tmp_path / "escaped.safetensors").exists()
+
+
+# -- reruns: provenance ----------------------------------------------------------------------------
+
+
+def save_encoder(folder, seed: int):
+    torch.manual_seed(seed)
+    HistoMIMModel(tiny_config()).save_pretrained(folder)
+    return folder
+
+
+def test_feature_files_record_their_provenance_and_stale_ones_are_refused(tiled, tmp_path):
+    from histomim.features import read_feature_provenance
+
+    first, second = save_encoder(tmp_path / "first", 0), save_encoder(tmp_path / "second", 1)
+    manifest = pd.read_parquet(tiled / "manifest.parquet").head(12)
+    out = tmp_path / "features"
+    target = extract_features(first, manifest, out)["CMU-1-Small-Region"]
+    record = read_feature_provenance(target)
+    assert record["encoder"] == str(first.resolve()) and record["encoder_class"] == "HistoMIMModel"
+    assert record["slide"]["path"] == str(manifest.path[0]) and record["slide"]["size"] == 1938955
+    assert record["level0_size"] == [2220, 2967] and record["tile_size"] == [64] and record["tile_count"] == 12
+    assert record["mpp"] == [pytest.approx(128 * 0.499 / 64)] and len(record["weights_sha256"]) == 64
+    mtime = target.stat().st_mtime_ns
+    assert extract_features(first, manifest, out) == {"CMU-1-Small-Region": target}  # the same run again: kept
+    assert target.stat().st_mtime_ns == mtime
+
+    for model, tiles, image_size, what in [
+        (second, manifest, None, "encoder weights"),  # another model
+        (first, manifest.head(8), None, "tile set"),  # other tiles (e.g. another tiling)
+        (first, manifest, 32, "preprocessing"),  # another --image-size
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"{target}: .*{what}.*") as refused:
+            extract_features(model, tiles, out, image_size=image_size)
+        assert "--overwrite" in str(refused.value)
+        assert target.stat().st_mtime_ns == mtime  # nothing replaced, nothing computed
+
+    before = load_tile_features(target)
+    (out / "broken.safetensors").write_bytes(target.read_bytes()[:100])  # a file cut short under a slide's name
+    with pytest.raises(ValueError, match=r"broken.safetensors: unreadable"):
+        extract_features(first, manifest.assign(slide_id="broken"), out)
+    extract_features(second, manifest, out, overwrite=True)
+    assert read_feature_provenance(target)["weights_sha256"] != record["weights_sha256"]
+    assert not torch.allclose(load_tile_features(target), before)
+
+
+def test_a_slide_id_from_two_slide_files_never_mixes_or_reuses_features(tiled, tmp_path):
+    import shutil
+
+    copy = tmp_path / "slides" / "CMU-1-Small-Region.svs"  # another file with the same id (another site's case1)
+    copy.parent.mkdir()
+    shutil.copy(pd.read_parquet(tiled / "manifest.parquet").path[0], copy)
+    model = save_encoder(tmp_path / "model", 0)
+    manifest = pd.read_parquet(tiled / "manifest.parquet").head(6)
+    elsewhere = manifest.assign(path=str(copy))
+
+    merged = pd.concat([manifest, elsewhere], ignore_index=True)
+    with pytest.raises(ValueError, match="'CMU-1-Small-Region' has tiles from 2 slide files") as refused:
+        extract_features(model, merged, tmp_path / "merged")
+    assert str(copy) in str(refused.value) and manifest.path[0] in str(refused.value)
+    assert not any((tmp_path / "merged").iterdir())
+
+    out = tmp_path / "features"
+    extract_features(model, manifest, out)
+    with pytest.raises(ValueError, match=rf"slide file: {manifest.path[0]} .* -> {copy} "):
+        extract_features(model, elsewhere, out)
+
+
+def test_an_interrupted_extraction_keeps_every_finished_slide(tiled, tmp_path, monkeypatch):
+    import shutil
+
+    from histomim.data import tiles
+
+    copy = tmp_path / "second.svs"
+    shutil.copy(pd.read_parquet(tiled / "manifest.parquet").path[0], copy)
+    first = pd.read_parquet(tiled / "manifest.parquet").head(6)
+    manifest = pd.concat([first, first.assign(slide_id="second", path=str(copy))], ignore_index=True)
+    model = save_encoder(tmp_path / "model", 0)
+    out = tmp_path / "features"
+    read_square = tiles.read_tile
+
+    def dies_on_second_slide(row):
+        if row["path"] == str(copy):
+            raise RuntimeError("killed")  # the process ends here, as with kill -9 mid-run
+        return read_square(row)
+
+    monkeypatch.setattr(tiles, "read_tile", dies_on_second_slide)
+    with pytest.raises(RuntimeError, match="killed"):
+        extract_features(model, manifest, out)
+    assert sorted(p.name for p in out.iterdir()) == ["CMU-1-Small-Region.safetensors"]  # no partial file
+    finished = out / "CMU-1-Small-Region.safetensors"
+    mtime = finished.stat().st_mtime_ns
+
+    monkeypatch.undo()
+    outputs = extract_features(model, manifest, out)
+    assert finished.stat().st_mtime_ns == mtime  # kept, not recomputed
+    assert load_tile_features(outputs["second"]).shape == (6, 64)
+    torch.testing.assert_close(load_tile_features(outputs["second"]), load_tile_features(finished))  # same pixels

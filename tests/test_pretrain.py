@@ -572,3 +572,20 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_latest_and_removes_the_parti
     assert (checkpoints / "latest").read_text().strip() == "step_00000001"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_00000001"]  # no partial folder left
     assert load_checkpoint(accelerator, latest_checkpoint(checkpoints))["step"] == 1
+
+def test_truncated_tile_images_are_named_skipped_and_counted(sample_slide_path, tiny_config_dir, tmp_path, capsys):
+    from histomim.data.slides import open_slide
+
+    folder = tmp_path / "tile_images"
+    folder.mkdir()
+    with open_slide(sample_slide_path) as slide:  # 16 tiles of real tissue, one JPEG cut short
+        for i in range(16):
+            slide.read_tile((400 + 96 * (i % 8), 1700 + 96 * (i // 8)), 0, 96, 64).save(folder / f"tile{i:02d}.jpg")
+    cut = folder / "tile05.jpg"
+    cut.write_bytes(cut.read_bytes()[:1500])  # a copy cut short by a full disk or a killed transfer
+    with pytest.warns(UserWarning, match="skipped an unreadable tile: .*tile05.jpg") as warned:
+        result = pretrain(small_run(tiny_config_dir, tmp_path / "run", data=[str(folder)], batch_size=8,
+                                    max_steps=3, checkpointing_steps=0))  # fmt: skip
+    assert len(result.losses) == 3  # the run went on
+    assert {type(w.message).__name__ for w in warned if "tile05" in str(w.message)} == {"TileReadWarning"}
+    assert "1 unreadable tiles were skipped" in capsys.readouterr().out

@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader
 
 from histomim.data.samples import sample_ihc_path, sample_slide_path
 from histomim.data.slides import open_slide
-from histomim.data.tiles import StreamingTileDataset, TileDataset, load_tile_dataset, read_tile
+from histomim.data.tiles import (
+    StreamingTileDataset, TileDataset, TileReadError, TileReadWarning, load_tile_dataset, read_tile,
+)  # fmt: skip
 from histomim.data.tiling import tile_slides
 from histomim.data.transforms import pretrain_transform
 
@@ -207,3 +209,62 @@ def test_streaming_yields_the_same_tiles(tiled):
     shuffled = streamed.shuffle(seed=0, buffer_size=16)
     order = tile_keys(shuffled)
     assert sorted(order) == expected and order != tile_keys(streamed)
+
+
+# -- unreadable tiles ------------------------------------------------------------------------------
+
+
+def truncate(path: Path) -> Path:
+    """Keep the first half of a file, as a copy cut short by a full disk or a killed transfer."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.fixture()
+def tile_images_with_two_truncated(tmp_path) -> tuple[Path, list[Path]]:
+    """Eight 64 px tiles of real tissue as JPEG and PNG files; one of each cut short."""
+    folder = tmp_path / "tile_images"
+    folder.mkdir()
+    with open_slide(sample_slide_path()) as slide:
+        for i in range(8):
+            tile = slide.read_tile((600 + 128 * i, 1800), 0, 128, 64)
+            tile.save(folder / f"tile{i}.{'jpg' if i % 2 else 'png'}")
+    return folder, [truncate(folder / "tile3.jpg"), truncate(folder / "tile6.png")]
+
+
+def test_a_truncated_tile_image_is_named_and_skipped_with_a_count(tile_images_with_two_truncated):
+    folder, truncated = tile_images_with_two_truncated
+    strict = load_tile_dataset(folder)
+    with pytest.raises(TileReadError, match="tile3.jpg: OSError"):
+        [strict[i] for i in range(len(strict))]
+
+    dataset = load_tile_dataset(folder, skip_unreadable=True)
+    with pytest.warns(TileReadWarning) as warned:
+        batches = list(DataLoader(dataset, batch_size=4))
+    assert [len(batch["pixel_values"]) for batch in batches] == [4, 4]  # whole batches: replaced, not dropped
+    named = " ".join(str(w.message) for w in warned)
+    assert all(str(path) in named for path in truncated)
+    assert dataset.skipped_unreadable == 2
+    # the replacement is the next readable tile, so every run (and an exact resume) sees the same data
+    torch.testing.assert_close(dataset[3]["pixel_values"], dataset[4]["pixel_values"])
+
+    streamed = load_tile_dataset(folder, streaming=True, skip_unreadable=True)
+    with pytest.warns(TileReadWarning):
+        assert len(list(streamed)) == 6 and streamed.skipped_unreadable == 2
+
+
+def test_a_corrupt_slide_in_a_manifest_is_named_with_the_tile_coordinates(tiled, tmp_path):
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(sample_slide_path().read_bytes())
+    truncate(broken)  # a slide cut short in a copy
+    manifest = pd.read_parquet(tiled / "manifest.parquet").head(6)
+    manifest.loc[1, "path"] = str(broken)
+    row = manifest.loc[1]
+    strict = load_tile_dataset(manifest)
+    with pytest.raises(TileReadError, match=rf"broken.svs: tile at level-0 \(x, y\) = \({row.x}, {row.y}\)"):
+        strict[1]
+    skipping = load_tile_dataset(manifest, skip_unreadable=True)
+    with pytest.warns(TileReadWarning, match="broken.svs"):
+        assert len([skipping[i] for i in range(6)]) == 6
+    assert skipping.skipped_unreadable == 1

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -175,15 +177,18 @@ def test_tile_slides_reports_bad_slides_and_resumes(tmp_path, bad_slides, capsys
     assert (out / "overlays" / "white.png").is_file()  # so a person can see why it failed
     assert sorted(p.name for p in (out / "manifests").iterdir()) == ["CMU-1-Small-Region.parquet"]
 
-    # rerun: the finished slide is skipped (its manifest untouched), the PNG gets its mpp now
+    # rerun: the finished slide is skipped (its manifest untouched), the others fail again
     done = out / "manifests" / "CMU-1-Small-Region.parquet"
     mtime = done.stat().st_mtime_ns
-    again = tile_slides(paths, out, mpp=0.5, tile_size=224, min_tissue=0.5, mpp_override=0.5)
-    assert again.skipped == [str(svs)] and again.tiled == [str(ihc)]
+    again = tile_slides(paths, out, mpp=0.5, tile_size=224, min_tissue=0.5)
+    assert again.skipped == [str(svs)] and again.tiled == []
     assert done.stat().st_mtime_ns == mtime
-    assert {Path(e["path"]).name for e in again.errors} == {"corrupt.svs", "white.tif"}
-    assert set(again.manifest.slide_id) == {"CMU-1-Small-Region", ihc.stem}
-    assert len(again.manifest) == len(manifest) + (again.manifest.slide_id == ihc.stem).sum()
+    assert {Path(e["path"]).name for e in again.errors} == {ihc.name, "corrupt.svs", "white.tif"}
+    # the PNG gets its mpp now (alone: --mpp-override would also change the SVS, which is refused)
+    png = tile_slides([ihc], out, mpp=0.5, tile_size=224, min_tissue=0.5, mpp_override=0.5)
+    assert png.tiled == [str(ihc)] and done.stat().st_mtime_ns == mtime
+    assert set(png.manifest.slide_id) == {"CMU-1-Small-Region", ihc.stem}
+    assert len(png.manifest) == len(manifest) + (png.manifest.slide_id == ihc.stem).sum()
 
     with pytest.raises(ValueError, match="tile_size: 224 -> 256.*tiling_config.json"):
         tile_slides(paths, out, mpp=0.5, tile_size=256)
@@ -201,8 +206,10 @@ def test_duplicate_slide_ids_are_refused(tmp_path):
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         shutil.copy(sample_ihc_path(), tmp_path / folder / "same.png")
-    with pytest.raises(ValueError, match="same"):
+    with pytest.raises(ValueError, match="same") as refused:
         tile_slides([tmp_path / "a" / "same.png", tmp_path / "b" / "same.png"], tmp_path / "out")
+    assert str(tmp_path / "a" / "same.png") in str(refused.value) and str(tmp_path / "b" / "same.png") in str(refused.value)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_find_slides_expands_folders(tmp_path):
@@ -228,3 +235,136 @@ def test_script_exit_code(tmp_path, bad_slides):
     mixed = [str(sample_ihc_path()), str(bad_slides["corrupt"]), "--out", str(tmp_path / "mixed")]
     assert script.main([*mixed, "--mpp-override", "0.5", "--tile-size", "128", "--min-tissue", "0.3"]) == 0
     assert len(pd.read_parquet(tmp_path / "mixed" / "manifest.parquet")) > 0
+
+
+# -- reruns: identity of slides, settings, interrupted and crashed runs ------------------------
+
+FAST = dict(mpp=2.0, tile_size=64, min_tissue=0.5)  # ~0.1 s of tiling per copy of the sample slide
+
+
+def test_a_different_slide_under_a_finished_id_is_refused_not_skipped(tmp_path):
+    """Run 1 tiles a/case1.svs (a symlink to CMU-1); run 2 gets b/case1.svs, another file (a copy): its tiles
+    must not be taken for done, nor mixed with the first slide's."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, second = tmp_path / "a" / "case1.svs", tmp_path / "b" / "case1.svs"
+    first.symlink_to(sample_slide_path())
+    shutil.copy(sample_slide_path(), second)
+    out = tmp_path / "out"
+    report = tile_slides([first], out, **FAST)
+    assert report.tiled == [str(first)]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "case1.svs").symlink_to(first)  # the same file, reached by another path
+    assert tile_slides([first, tmp_path / "c" / "case1.svs"], out, **FAST).skipped == [str(first)]
+
+    with pytest.raises(ValueError, match="another file") as refused:
+        tile_slides([second], out, **FAST)
+    message = str(refused.value)
+    assert str(sample_slide_path().resolve()) in message and str(second) in message and "--overwrite" in message
+    assert set(pd.read_parquet(out / "manifest.parquet").path) == {str(sample_slide_path().resolve())}  # untouched
+
+    replaced = tile_slides([second], out, **FAST, overwrite=True)
+    assert replaced.tiled == [str(second)] and set(replaced.manifest.path) == {str(second)}
+    assert tile_slides([second], out, **FAST).skipped == [str(second)]
+
+    # the same file, modified since (a rescan written in place), is another slide too
+    os.utime(second, ns=(0, second.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="mtime_ns"):
+        tile_slides([second], out, **FAST)
+
+
+@pytest.mark.parametrize("bad, flag", [
+    (dict(tile_size=0), "--tile-size"), (dict(mpp=float("nan")), "--mpp"), (dict(overlap=-1), "--overlap"),
+    (dict(min_tissue=1.5), "--min-tissue"), (dict(mpp_override=-0.5), "--mpp-override"), (dict(workers=0), "--workers"),
+])  # fmt: skip
+def test_invalid_settings_are_refused_before_tiling_config_is_written(tmp_path, bad, flag):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=flag):
+        tile_slides([sample_slide_path()], out, **{**FAST, **bad})
+    assert not out.exists()  # no tiling_config.json to block the corrected rerun
+    assert tile_slides([sample_slide_path()], out, **FAST).tiled == [str(sample_slide_path())]
+
+
+def test_changed_settings_are_detected_not_skipped(tmp_path):
+    svs, ihc = sample_slide_path(), sample_ihc_path()
+    out = tmp_path / "out"
+    tile_slides([svs], out, **FAST)
+    with pytest.raises(ValueError, match=r"tile_size: 64 -> 96.*--overwrite"):
+        tile_slides([svs], out, **{**FAST, "tile_size": 96})
+    retiled = tile_slides([svs], out, **{**FAST, "tile_size": 96}, overwrite=True)
+    assert retiled.tiled == [str(svs)] and set(retiled.manifest.tile_size) == {96}
+    assert json.loads((out / "tiling_config.json").read_text())["tile_size"] == 96
+
+    # --mpp-override is the scan's resolution: a changed one changes every tile of the slide
+    coarse = tile_slides([ihc], out, **{**FAST, "tile_size": 96}, mpp_override=1.0).manifest
+    with pytest.raises(ValueError, match=r"skimage-immunohistochemistry.parquet: --mpp-override 1.0 -> 2.0"):
+        tile_slides([ihc], out, **{**FAST, "tile_size": 96}, mpp_override=2.0)
+    fine = tile_slides([ihc], out, **{**FAST, "tile_size": 96}, mpp_override=2.0, overwrite=True).manifest
+    rows = lambda manifest: manifest[manifest.slide_id == ihc.stem]  # noqa: E731
+    assert rows(coarse).read_size.iloc[0] == 2 * rows(fine).read_size.iloc[0] and len(rows(fine)) > len(rows(coarse))
+    assert (fine.slide_id == svs.stem).sum() == (coarse.slide_id == svs.stem).sum()  # kept, untouched
+
+
+def test_a_tile_folder_from_an_interrupted_run_says_so(tmp_path, monkeypatch):
+    from conftest import tiny_config
+
+    from histomim import HistoMIMModel
+    from histomim.data import tiling
+    from histomim.features import extract_features
+    from histomim.data.tiles import load_tile_dataset
+
+    second = tmp_path / "second.svs"
+    shutil.copy(sample_slide_path(), second)
+    out = tmp_path / "out"
+    tile_slides([sample_slide_path()], out, **FAST)
+    assert len(load_tile_dataset(out)) > 0 and json.loads((out / "complete.json").read_text())["tiles"] > 0
+
+    real = tiling._tile_one_slide
+
+    def killed_on_second(path, **job):
+        if path == second:
+            raise KeyboardInterrupt  # what Ctrl-C (or the end of a job's time) does mid-run
+        return real(path, **job)
+
+    monkeypatch.setattr(tiling, "_tile_one_slide", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        tile_slides([sample_slide_path(), second], out, **FAST)
+    monkeypatch.undo()
+    # the stale manifest.parquet of the first run lacks the second slide: no consumer may use it as complete
+    for source in (out, out / "manifest.parquet", out / "manifests"):
+        with pytest.raises(ValueError, match=f"{out} is an unfinished tile folder.*did not finish.*rerun") as refused:
+            load_tile_dataset(source)
+        assert type(refused.value).__name__ == "IncompleteTileFolderError"
+    with pytest.raises(ValueError, match="unfinished tile folder"):
+        extract_features(HistoMIMModel(tiny_config()), out, tmp_path / "features")
+    rerun = tile_slides([sample_slide_path(), second], out, **FAST)
+    assert rerun.skipped == [str(sample_slide_path())] and rerun.tiled == [str(second)]
+    assert set(load_tile_dataset(out, keep_columns=["slide_id"]).rows["slide_id"]) == {"CMU-1-Small-Region", "second"}
+
+
+def die_on_crash_slides(path, **job):
+    """A tiling worker that dies like one killed by the out-of-memory killer, on slides named crash*."""
+    from histomim.data import tiling
+
+    if path.stem.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return tiling._tile_one_slide(path, **job)
+
+
+def test_a_crashed_tiling_worker_names_its_slide_and_the_others_finish(tmp_path, monkeypatch, capsys):
+    from histomim.cli import tile as tile_cli
+    from histomim.data import tiling
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("crash.svs", "good1.svs", "good2.svs"):
+        shutil.copy(sample_slide_path(), slides / name)
+    out = tmp_path / "out"
+    monkeypatch.setattr(tiling, "_tile_one_slide", die_on_crash_slides)  # handed to each worker process
+    argv = [str(slides), "--out", str(out), "--mpp", "2", "--tile-size", "64", "--workers", "2"]
+    assert tile_cli.main(argv) == 1  # not a success: a slide is missing for no fault of its own
+    printed = capsys.readouterr()
+    assert f"failed: {slides / 'crash.svs'}: the worker process tiling this slide died (killed by SIGKILL" in printed.err
+    assert "2 slides tiled, 0 already done, 1 failed" in printed.out
+    errors = json.loads((out / "errors.json").read_text())
+    assert [(e["slide_id"], e["error"]) for e in errors] == [("crash", "WorkerCrashedError")]
+    assert set(pd.read_parquet(out / "manifest.parquet").slide_id) == {"good1", "good2"}

@@ -2,6 +2,9 @@
 
     histomim tile slides/ --out tiles/ --mpp 0.5
     histomim extract --model outputs/histomim-tiny-demo --tiles tiles/ --out features/
+
+A rerun keeps the feature files made like now (same model weights, preprocessing, slide file and tiles)
+and refuses, naming each, those made otherwise unless --overwrite.
 """
 
 import argparse
@@ -21,7 +24,9 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize tiles to this size instead of the model's (position embeddings are interpolated)")
-    parser.add_argument("--overwrite", action="store_true", help="recompute slides whose feature file exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute slides whose feature file exists (without it, a file made with another "
+                        "model, other tiles or from another slide file is refused, one made like now is kept)")
     return parser.parse_args(argv)
 
 

@@ -2,7 +2,9 @@
 
     histomim tile slides/ extra.svs --out tiles/ --mpp 0.5 --tile-size 224 --workers 4
 
-Rerunning with the same --out skips finished slides. Exits non-zero only if every slide failed.
+Rerunning with the same --out skips finished slides (same file, same settings); other settings, or
+another file under a finished slide's id, are refused unless --overwrite. Exits non-zero if every
+slide failed or a worker process died (the slide it was on is listed); other slides always finish.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "slides", nargs="+", help=f"slide files and/or folders (searched recursively for {' '.join(SLIDE_EXTENSIONS)})"
     )
     parser.add_argument(
-        "--out", required=True, help="output folder: manifests/, overlays/, manifest.parquet, errors.json"
+        "--out", required=True, help="output folder: manifests/, overlays/, manifest.parquet, errors.json, complete.json (written last)"
     )
     parser.add_argument(
         "--mpp", type=float, default=0.5, help="target resolution of the tiles in um/px (default: 0.5, i.e. 20x)"
@@ -44,6 +46,11 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "--mpp-override", type=float, default=None,
         help="level-0 um/px to assume for every slide, e.g. for PNGs without resolution metadata",
     )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="retile what --out holds from other settings (all of it), or from another file or --mpp-override "
+        "under a slide's id (that slide); slides that match are still skipped",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         save_images=args.save_images,
         mpp_override=args.mpp_override,
         backend=args.backend,
+        overwrite=args.overwrite,
     )
     print(
         f"{len(report.tiled)} slides tiled, {len(report.skipped)} already done, {len(report.errors)} failed; "
@@ -67,5 +75,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     )
     for error in report.errors:
         print(f"  failed: {error['message']}", file=sys.stderr)
-    return 1 if report.all_failed else 0
+    return 1 if report.all_failed or report.crashed else 0
 

@@ -66,6 +66,7 @@ def describe_tiles(source: Path) -> dict[str, Any]:
     tiling = folder.read_config()
     if tiling is None:
         return {"mpp": None, "tile_size": None, "slides": [], "failed_slides": []}
+    folder.require_complete()
     return {
         "mpp": tiling["mpp"],
         "tile_size": tiling["tile_size"],

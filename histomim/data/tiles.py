@@ -10,12 +10,16 @@ One entry point, `load_tile_dataset`, accepts:
   slides on the fly, so nothing has to be extracted first.
 
 Every source becomes rows of a ``datasets.Dataset`` (or ``IterableDataset`` when streaming) plus
-a rule for getting the image of a row: its ``Image`` column, or `read_tile` for manifests.
+a rule for getting the image of a row: its ``Image`` column (decoded here, so that a bad file is
+named), or `read_tile` for manifests. A tile that cannot be read raises `TileReadError` naming the
+file (and the tile's coordinates); with ``skip_unreadable`` (pretraining) it is warned about, counted
+and replaced by the next readable tile, so one truncated JPEG does not end a long run.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +36,17 @@ from .transforms import Compose, ToTensor
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _READ_COLUMNS = ("path", "x", "y", "level", "read_size", "tile_size")  # what read_tile needs
 _MAX_STREAM_SHARDS = 64  # shards handed out to DataLoader workers / ranks when streaming local data
+
+
+class TileReadError(RuntimeError):
+    """A tile that cannot be read: a truncated or corrupt image, an unreadable slide or slide region."""
+
+
+class TileReadWarning(UserWarning):
+    """An unreadable tile was skipped (``skip_unreadable``)."""
+
+
+_MAX_SKIPPED_IN_A_ROW = 16  # unreadable tiles in a row before a skipping dataset gives up: the source is broken
 
 
 # -- reading manifest tiles ------------------------------------------------------------------
@@ -70,18 +85,65 @@ def read_tile(row: Mapping[str, Any]) -> Image.Image:
 class _RowToItem:
     """Image of a row (its Image column, or read from the slide), transformed, plus kept columns."""
 
-    def __init__(self, image_column: str | None, transform: Callable | None, keep_columns: Sequence[str]):
+    def __init__(
+        self, image_column: str | None, transform: Callable | None, keep_columns: Sequence[str], image_feature=None
+    ):
         self.image_column = image_column
+        self.image_feature = image_feature  # the column's datasets.Image, when rows hold undecoded images
         self.transform = transform if transform is not None else Compose([ToTensor()])
         self.keep_columns = tuple(keep_columns)
 
     def __call__(self, row: Mapping[str, Any], index: int | None = None, epoch: int = 0) -> dict[str, Any]:
-        image = row[self.image_column] if self.image_column is not None else read_tile(row)
+        image = self.image(row, index)
         if isinstance(self.transform, Compose):
             pixel_values = self.transform(image, index=index, epoch=epoch)  # seeded per (epoch, index)
         else:
             pixel_values = self.transform(image)
         return {"pixel_values": pixel_values, **{c: row[c] for c in self.keep_columns}}
+
+    def image(self, row: Mapping[str, Any], index: int | None) -> Image.Image:
+        """The row's image, or a `TileReadError` that names its file (and coordinates)."""
+        try:
+            if self.image_column is None:
+                return read_tile(row)
+            value = row[self.image_column]
+            if self.image_feature is not None and isinstance(value, dict):
+                if value.get("bytes") is None and value.get("path") and os.path.isfile(value["path"]):
+                    value = {**value, "bytes": Path(value["path"]).read_bytes()}  # no file left open if it fails
+                return self.image_feature.decode_example(value)
+            return value
+        except Exception as error:  # every reader and decoder raises its own types (OSError, Jpeg8Error, ...)
+            raise TileReadError(f"{self.describe(row, index)}: {type(error).__name__}: {error}") from error
+
+    def describe(self, row: Mapping[str, Any], index: int | None) -> str:
+        if self.image_column is None:
+            return f"{row['path']}: tile at level-0 (x, y) = ({int(row['x'])}, {int(row['y'])}), level {row.get('level', 0)}"
+        value = row[self.image_column]
+        where = value.get("path") if isinstance(value, dict) else None
+        where = where or f"the image of row {index}"
+        if all(c in row for c in ("slide_id", "x", "y")):  # tile images saved by tile_slides
+            where += f" (slide {row['slide_id']}, level-0 (x, y) = ({int(row['x'])}, {int(row['y'])}))"
+        return where
+
+
+class _SkipCount:
+    """Unreadable tiles skipped, in shared memory so that DataLoader workers add to the same count."""
+
+    def __init__(self):
+        self._count = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._seen: set[int] = set()  # per process: rows already found unreadable, not read again
+
+    def note(self, key: int, error: TileReadError) -> None:
+        if key not in self._seen:
+            self._seen.add(key)
+            self._count.add_(1)
+            warnings.warn(f"skipped an unreadable tile: {error}", TileReadWarning, stacklevel=3)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._seen
+
+    def __int__(self) -> int:
+        return int(self._count)
 
 
 class TileDataset(torch.utils.data.Dataset):
@@ -90,9 +152,11 @@ class TileDataset(torch.utils.data.Dataset):
     The epoch lives in shared memory, so ``set_epoch`` also reaches persistent DataLoader workers.
     """
 
-    def __init__(self, rows, to_item: _RowToItem):
+    def __init__(self, rows, to_item: _RowToItem, skip_unreadable: bool = False):
         self.rows = rows  # datasets.Dataset
         self.to_item = to_item
+        self.skip_unreadable = skip_unreadable
+        self._skipped = _SkipCount()
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
@@ -100,7 +164,25 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
-        return self.to_item(self.rows[index], index=index, epoch=self.epoch)
+        if not self.skip_unreadable:
+            return self.to_item(self.rows[index], index=index, epoch=self.epoch)
+        # an unreadable row is replaced by the next readable one: the same one on every run (exact resume)
+        error = None
+        for offset in range(_MAX_SKIPPED_IN_A_ROW):
+            candidate = (index + offset) % len(self)
+            if candidate in self._skipped:
+                continue
+            try:
+                return self.to_item(self.rows[candidate], index=index, epoch=self.epoch)
+            except TileReadError as unreadable:
+                error = unreadable
+                self._skipped.note(candidate, unreadable)
+        raise TileReadError(f"{_MAX_SKIPPED_IN_A_ROW} tiles in a row from index {index} are unreadable; the last: {error}")
+
+    @property
+    def skipped_unreadable(self) -> int:
+        """Unreadable tiles skipped so far (each named in a `TileReadWarning`; once per loading process)."""
+        return int(self._skipped)
 
     @property
     def epoch(self) -> int:
@@ -120,13 +202,28 @@ class StreamingTileDataset(torch.utils.data.IterableDataset):
     iterated (by `datasets`), so every tile is seen once per epoch across all of them.
     """
 
-    def __init__(self, rows, to_item: _RowToItem):
+    def __init__(self, rows, to_item: _RowToItem, skip_unreadable: bool = False):
         self.rows = rows  # datasets.IterableDataset
         self.to_item = to_item
+        self.skip_unreadable = skip_unreadable
+        self._skipped = _SkipCount()
 
     def __iter__(self):
-        for row in self.rows:
-            yield self.to_item(row)
+        in_a_row = 0
+        for position, row in enumerate(self.rows):
+            try:
+                yield self.to_item(row)
+                in_a_row = 0
+            except TileReadError as error:
+                in_a_row += 1
+                if not self.skip_unreadable or in_a_row >= _MAX_SKIPPED_IN_A_ROW:
+                    raise
+                self._skipped.note(position, error)
+
+    @property
+    def skipped_unreadable(self) -> int:
+        """Unreadable tiles skipped so far (each named in a `TileReadWarning`)."""
+        return int(self._skipped)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle (after `shuffle`) differently each epoch."""
@@ -134,7 +231,7 @@ class StreamingTileDataset(torch.utils.data.IterableDataset):
 
     def shuffle(self, seed: int | None = None, buffer_size: int = 1000) -> StreamingTileDataset:
         """Shuffle shard order and within a ``buffer_size`` window (see ``datasets.IterableDataset.shuffle``)."""
-        return StreamingTileDataset(self.rows.shuffle(seed=seed, buffer_size=buffer_size), self.to_item)
+        return StreamingTileDataset(self.rows.shuffle(seed=seed, buffer_size=buffer_size), self.to_item, self.skip_unreadable)
 
 
 # -- sources -> rows --------------------------------------------------------------------------
@@ -148,6 +245,7 @@ def load_tile_dataset(
     keep_columns: Sequence[str] = (),
     rank: int | None = None,
     world_size: int | None = None,
+    skip_unreadable: bool = False,
 ) -> TileDataset | StreamingTileDataset:
     """Load tiles from any supported source as a torch dataset of ``{"pixel_values": ...}`` dicts.
 
@@ -162,9 +260,13 @@ def load_tile_dataset(
         rank, world_size: when streaming, this process's share; default from ``torch.distributed``
             or the ``RANK``/``WORLD_SIZE`` variables. Pass ``world_size=1`` if the training loop
             splits batches itself (e.g. Accelerate's ``dispatch_batches``).
+        skip_unreadable: replace a tile that cannot be read (truncated image, corrupt slide) by the next
+            readable one, with a `TileReadWarning` naming it and a count in ``skipped_unreadable``;
+            otherwise reading it raises `TileReadError`. Never for features, whose rows must stay the tiles'.
 
     Raises:
         FileNotFoundError: a local path that does not exist, or an id that cannot be loaded.
+        IncompleteTileFolderError: a `tile_slides` folder (or part of one) whose run did not finish.
         ValueError: a folder with nothing to load, or rows with neither an Image column nor manifest columns.
     """
     rows = _load_rows(source, split, streaming)
@@ -174,19 +276,23 @@ def load_tile_dataset(
         absent = [c for c in keep_columns if c not in columns]
         if absent:
             raise ValueError(f"{source}: keep_columns {absent} not among the columns {columns}")
-    to_item = _RowToItem(image_column, transform, keep_columns)
-    if not streaming:
-        return TileDataset(rows, to_item)
-
     import datasets
     from datasets.distributed import split_dataset_by_node
+
+    image_feature = None
+    if image_column is not None and columns is not None:  # decode in _RowToItem, which names a bad file
+        image_feature = rows.features[image_column]
+        rows = rows.cast_column(image_column, datasets.Image(mode=image_feature.mode, decode=False))
+    to_item = _RowToItem(image_column, transform, keep_columns, image_feature)
+    if not streaming:
+        return TileDataset(rows, to_item, skip_unreadable)
 
     if isinstance(rows, datasets.Dataset):
         rows = rows.to_iterable_dataset(num_shards=max(1, min(len(rows), _MAX_STREAM_SHARDS)))
     rank, world_size = _rank_and_world_size(rank, world_size)
     if world_size > 1:
         rows = split_dataset_by_node(rows, rank=rank, world_size=world_size)
-    return StreamingTileDataset(rows, to_item)
+    return StreamingTileDataset(rows, to_item, skip_unreadable)
 
 
 def _load_rows(source: str | Path | pd.DataFrame, split: str, streaming: bool):
@@ -196,6 +302,9 @@ def _load_rows(source: str | Path | pd.DataFrame, split: str, streaming: bool):
     if isinstance(source, pd.DataFrame):
         return _manifest_rows(source, "the DataFrame")
     path = Path(source)
+    tile_folder = TileFolder.containing(path) if path.exists() else None
+    if tile_folder is not None:  # its manifests and tiles lack slides until its tiling run has finished
+        tile_folder.require_complete()
     if path.is_file():
         if path.suffix.lower() != ".parquet":
             raise ValueError(f"unsupported file {path}: expected a .parquet manifest or dataset (or pass a folder)")

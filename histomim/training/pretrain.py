@@ -283,7 +283,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
         transform = device_augmentation_worker_transform(config.image_size)
     else:
         transform = pretrain_transform(config.image_size, config.normalization_mean, config.normalization_std, seed=args.seed)
-    dataset = load_tile_dataset(tiles.source, transform=transform)
+    # a truncated tile image or corrupt slide region is named, counted and replaced, not the end of the run
+    dataset = load_tile_dataset(tiles.source, transform=transform, skip_unreadable=True)
     if len(dataset) < args.batch_size * accelerator.num_processes:
         raise ValueError(
             f"{tiles.source}: {len(dataset)} tiles are fewer than one batch across processes "
@@ -367,6 +368,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
         train_one_epoch(accelerator, model, optimizer, scheduler, dataloader, dataset, state, args,
                         schedule.total_steps, after_step)  # fmt: skip
     progress.close()
+    if dataset.skipped_unreadable:
+        accelerator.print(f"{dataset.skipped_unreadable} unreadable tiles were skipped (each named in a warning above)")
     if args.checkpointing_steps and state.step % args.checkpointing_steps != 0:
         checkpoint()
     elapsed = state.elapsed + time.perf_counter() - start
@@ -476,7 +479,8 @@ def visualization_batch(source: str, config: HistoMIMConfig) -> torch.Tensor:
     from ..data.tiles import load_tile_dataset
     from ..data.transforms import eval_transform
 
-    tiles = load_tile_dataset(source, transform=eval_transform(config.image_size, config.normalization_mean, config.normalization_std))
+    tiles = load_tile_dataset(source, transform=eval_transform(config.image_size, config.normalization_mean, config.normalization_std),
+                              skip_unreadable=True)  # fmt: skip
     indices = np.linspace(0, len(tiles) - 1, min(NUM_VISUALIZED, len(tiles))).round().astype(int)
     return torch.stack([tiles[int(i)]["pixel_values"] for i in indices])
 
