@@ -10,6 +10,7 @@ from .mim import (
     HistoMIMConfig,
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
+    HistoMIMForSemanticSegmentation,
     HistoMIMModel,
     image_processor_classes,
     image_processor_for,
@@ -25,12 +26,14 @@ def _register_auto_classes() -> None:
         AutoModel,
         AutoModelForImageClassification,
         AutoModelForPreTraining,
+        AutoModelForSemanticSegmentation,
     )
 
     AutoConfig.register("histomim", HistoMIMConfig, exist_ok=True)
     AutoModel.register(HistoMIMConfig, HistoMIMModel, exist_ok=True)
     AutoModelForPreTraining.register(HistoMIMConfig, HistoMIMForPreTraining, exist_ok=True)
     AutoModelForImageClassification.register(HistoMIMConfig, HistoMIMForImageClassification, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(HistoMIMConfig, HistoMIMForSemanticSegmentation, exist_ok=True)
     AutoImageProcessor.register(HistoMIMConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
     AutoConfig.register("histofusion", HistoFusionConfig, exist_ok=True)
     AutoModel.register(HistoFusionConfig, HistoFusionForSurvival, exist_ok=True)
@@ -40,6 +43,7 @@ def _register_auto_classes() -> None:
     HistoMIMModel.register_for_auto_class("AutoModel")
     HistoMIMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     HistoMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    HistoMIMForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
     HistoFusionConfig.register_for_auto_class("AutoConfig")
     HistoFusionForSurvival.register_for_auto_class("AutoModel")
 
@@ -51,6 +55,7 @@ __all__ = [
     "HistoMIMModel",
     "HistoMIMForPreTraining",
     "HistoMIMForImageClassification",
+    "HistoMIMForSemanticSegmentation",
     "image_processor_for",
     "HistoFusionConfig",
     "HistoFusionForSurvival",

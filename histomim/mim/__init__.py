@@ -7,6 +7,7 @@ from .modeling_histomim import (
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
     HistoMIMForPreTrainingOutput,
+    HistoMIMForSemanticSegmentation,
     HistoMIMModel,
     HistoMIMPreTrainedModel,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "HistoMIMForPreTraining",
     "HistoMIMForPreTrainingOutput",
     "HistoMIMForImageClassification",
+    "HistoMIMForSemanticSegmentation",
     "HistoMIMPreTrainedModel",
     "image_processor_for",
     "image_processor_classes",
