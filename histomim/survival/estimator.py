@@ -516,6 +516,19 @@ class SurvivalEstimator(BaseEstimator):
         inputs = self._predict_inputs(X)
         return self._batch(inputs, np.arange(len(next(iter(inputs.values())))))
 
+    @torch.no_grad()
+    def predict_attention(self, X) -> list[np.ndarray]:
+        """Per row of ``X``, the ABMIL attention over its tiles ``(N_i,)`` (in the order of its feature files,
+        summing to 1; averaged over a seed ensemble; empty for a row without tiles): the per-tile scores that
+        `histomim.slide_maps` draws over the slide and exports to QuPath."""
+        if self.histology_col is None:
+            raise ValueError("predict_attention needs tile features: the estimator was fitted without histology_col")
+        inputs = self._predict_inputs(X)
+        batch = self._batch(inputs, np.arange(len(inputs["histology"])))
+        attention = torch.stack([model.eval()(**batch).histology_attention for model in self.models_]).mean(0)  # (B, N)
+        mask = batch["histology_mask"]  # (B, N)
+        return [attention[i][mask[i]].cpu().double().numpy() for i in range(len(mask))]
+
     def save_pretrained(self, directory: str | Path) -> list[Path]:
         """Save the fitted fusion model(s) with ``save_pretrained`` (safetensors + config + remote code):
         ``directory`` itself for one network, ``directory/network_<i>`` for a seed ensemble."""
