@@ -27,6 +27,7 @@ from sklearn.utils.validation import check_is_fitted, check_random_state
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..multimodal.mil import pad_bags
 from .curves import BreslowBaseline, discrete_survival_at
 from .labels import bin_index, split_survival, time_bins
 
@@ -66,17 +67,6 @@ def _as_list(cell) -> list:
     if isinstance(cell, (list, tuple, np.ndarray)):
         return [c for c in cell if not pd.isna(c)]
     return [] if pd.isna(cell) else [cell]
-
-
-def _pad_bags(bags: Sequence[Tensor | None], feature_dim: int) -> tuple[Tensor, Tensor]:
-    """Bags of tiles ``[(N_i, D) or None]`` -> padded features ``(B, N, D)`` and mask ``(B, N)``."""
-    longest = max([1, *(len(b) for b in bags if b is not None)])
-    features = torch.zeros(len(bags), longest, feature_dim)
-    mask = torch.zeros(len(bags), longest, dtype=torch.bool)
-    for row, bag in enumerate(bags):
-        if bag is not None:
-            features[row, : len(bag)], mask[row, : len(bag)] = bag, True
-    return features, mask
 
 
 class SurvivalEstimator(BaseEstimator):
@@ -269,7 +259,7 @@ class SurvivalEstimator(BaseEstimator):
             batch["genomic"] = inputs["genomic"][rows]  # (b, G)
         if "histology" in inputs:
             feature_dim = self.models_[0].config.histology_feature_dim
-            batch["histology"], batch["histology_mask"] = _pad_bags([inputs["histology"][r] for r in rows], feature_dim)
+            batch["histology"], batch["histology_mask"] = pad_bags([inputs["histology"][r] for r in rows], feature_dim)
         if "radiology" in inputs:
             config = self.models_[0].config
             shape = (config.radiology_num_channels, *config.radiology_image_size)
