@@ -7,7 +7,7 @@
 import argparse
 from pathlib import Path
 
-from ..features import extract_features
+from ..features import FEATURE_FILE_FORMATS, extract_features
 
 
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
@@ -22,6 +22,9 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize tiles to this size instead of the model's (position embeddings are interpolated)")
     parser.add_argument("--overwrite", action="store_true", help="recompute slides whose feature file exists")
+    parser.add_argument("--format", dest="file_format", choices=FEATURE_FILE_FORMATS, default="safetensors",
+                        help="feature files: safetensors, or CLAM/TRIDENT-style h5 (features, coords; needs h5py) "
+                        "(default: %(default)s)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -29,7 +32,7 @@ def main(argv=None, prog=None) -> int:
     args = parse_args(argv, prog)
     outputs = extract_features(args.model, args.tiles, args.out, batch_size=args.batch_size,
                                num_workers=args.num_workers, device=args.device, image_size=args.image_size,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, file_format=args.file_format)
     print(f"features of {len(outputs)} slides in {args.out}")
     return 0
 
