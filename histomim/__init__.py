@@ -10,6 +10,7 @@ from .mim import (
     HistoMIMConfig,
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
+    HistoMIMForSemanticSegmentation,
     HistoMIMModel,
     HistoMIMTokenizer,
     HistoMIMTokenizerConfig,
@@ -27,12 +28,14 @@ def _register_auto_classes() -> None:
         AutoModel,
         AutoModelForImageClassification,
         AutoModelForPreTraining,
+        AutoModelForSemanticSegmentation,
     )
 
     AutoConfig.register("histomim", HistoMIMConfig, exist_ok=True)
     AutoModel.register(HistoMIMConfig, HistoMIMModel, exist_ok=True)
     AutoModelForPreTraining.register(HistoMIMConfig, HistoMIMForPreTraining, exist_ok=True)
     AutoModelForImageClassification.register(HistoMIMConfig, HistoMIMForImageClassification, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(HistoMIMConfig, HistoMIMForSemanticSegmentation, exist_ok=True)
     AutoImageProcessor.register(HistoMIMConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
     AutoConfig.register("histomim_tokenizer", HistoMIMTokenizerConfig, exist_ok=True)
     AutoModel.register(HistoMIMTokenizerConfig, HistoMIMTokenizer, exist_ok=True)
@@ -47,6 +50,7 @@ def _register_auto_classes() -> None:
     HistoMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     HistoMIMTokenizerConfig.register_for_auto_class("AutoConfig")
     HistoMIMTokenizer.register_for_auto_class("AutoModel")
+    HistoMIMForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
     HistoFusionConfig.register_for_auto_class("AutoConfig")
     HistoFusionForSurvival.register_for_auto_class("AutoModel")
 
@@ -58,6 +62,7 @@ __all__ = [
     "HistoMIMModel",
     "HistoMIMForPreTraining",
     "HistoMIMForImageClassification",
+    "HistoMIMForSemanticSegmentation",
     "image_processor_for",
     "HistoMIMTokenizerConfig",
     "HistoMIMTokenizer",

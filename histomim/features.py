@@ -1,7 +1,9 @@
 """Tile features from a histomim (or any transformers image) encoder, one safetensors file per slide.
 
 Output per slide: `<out_dir>/<slide_id>.safetensors` with `features` (N, D) float32 and `coords` (N, 2)
-int64 level-0 (x, y), in manifest order. These files are what MIL and fusion models read
+int64 level-0 (x, y), in manifest order; or, with ``file_format="h5"``, a CLAM/TRIDENT-style
+`<slide_id>.h5` with the same two datasets (`write_h5_features`, `read_h5_features`), so features from
+other toolkits' encoders and histomim's are read alike (`load_tile_features`). These files are what MIL and fusion models read
 (`histomim.multimodal`), and what survival tables point to in their slide-features column.
 
 Each file's metadata holds a provenance record (`read_feature_provenance`): the encoder (name or path,
@@ -42,6 +44,7 @@ def extract_features(
     device: str | None = None,
     image_size: int | None = None,
     overwrite: bool = False,
+    file_format: str = "safetensors",
 ) -> dict[str, Path]:
     """Embed every tile of a tile manifest (or `tile_slides` output folder) with the encoder's pooled output.
 
@@ -52,6 +55,8 @@ def extract_features(
     is skipped; each file is written atomically, so an interrupted run never leaves a truncated one and
     a rerun keeps every finished slide.
 
+    ``file_format``: ``"safetensors"`` (default) or ``"h5"`` (CLAM/TRIDENT layout, needs h5py).
+
     Returns: {slide_id: feature file path} for every slide in the manifest.
 
     Raises:
@@ -59,6 +64,8 @@ def extract_features(
             ``overwrite``: a feature file in ``out_dir`` made with another encoder, other tiles or
             from another slide file (all are named before anything is computed).
     """
+    if file_format not in FEATURE_FILE_FORMATS:
+        raise ValueError(f"file_format must be one of {FEATURE_FILE_FORMATS}, got {file_format!r}")
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -78,7 +85,8 @@ def extract_features(
     manifest = _read_manifest(tiles)
     slides = list(manifest.groupby("slide_id", sort=False))
     # every file name first: a crafted slide_id is refused before anything is written
-    targets = {slide_id: child_path(out_dir, f"{slide_id}.safetensors", "the tile manifest's slide_id")
+    suffix = ".h5" if file_format == "h5" else ".safetensors"
+    targets = {slide_id: child_path(out_dir, f"{slide_id}{suffix}", "the tile manifest's slide_id")
                for slide_id, _ in slides}  # fmt: skip
     # 1. what each file would record; refuse stale files (another model, tiles or slide) before any work
     encoder_record = encoder_provenance(encoder, model_or_path, processor)
@@ -110,6 +118,10 @@ def extract_features(
         with open_slide(rows["path"].iloc[0]) as slide:
             level0_size = list(slide.dimensions)
         provenance = {**records[slide_id], "level0_size": level0_size, "device": str(device)}
+        attributes = {"slide_id": str(slide_id), "encoder": type(encoder).__name__, PROVENANCE_KEY: json.dumps(provenance)}
+        if file_format == "h5":
+            write_h5_features(targets[slide_id], torch.cat(features), coords, attributes)
+            continue
         with atomic_path(targets[slide_id]) as partial:
             save_file({"features": torch.cat(features), "coords": coords}, str(partial),
                       metadata={"slide_id": str(slide_id), "encoder": type(encoder).__name__,
@@ -184,10 +196,13 @@ def tile_set_provenance(slide_id: str, rows) -> dict:
 
 def read_feature_provenance(path: str | Path) -> dict | None:
     """The provenance record of a feature file written by `extract_features`; None if it has none."""
-    from safetensors import safe_open
+    if Path(path).suffix in H5_SUFFIXES:
+        record = read_h5_features(path)[2].get(PROVENANCE_KEY)
+    else:
+        from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as file:
-        record = (file.metadata() or {}).get(PROVENANCE_KEY)
+        with safe_open(str(path), framework="pt") as file:
+            record = (file.metadata() or {}).get(PROVENANCE_KEY)
     return json.loads(record) if record else None
 
 
@@ -241,12 +256,14 @@ def _read_manifest(tiles):
     return manifest
 
 
-TILE_FEATURE_SUFFIXES = (".safetensors", ".npy")
+FEATURE_FILE_FORMATS = ("safetensors", "h5")
+H5_SUFFIXES = (".h5", ".hdf5")
+TILE_FEATURE_SUFFIXES = (".safetensors", ".npy") + H5_SUFFIXES
 
 
 def load_tile_features(path: str | Path) -> torch.Tensor:
     """Tile features (N, D) float32 from a file written by `extract_features` (its `features` tensor),
-    a safetensors file holding one tensor, or a `.npy` array."""
+    a safetensors file holding one tensor, a CLAM/TRIDENT h5 file (`read_h5_features`) or a `.npy` array."""
     import numpy as np
 
     path = Path(path)
@@ -257,6 +274,9 @@ def load_tile_features(path: str | Path) -> torch.Tensor:
     try:
         if path.suffix == ".npy":
             tensors = {"features": torch.from_numpy(np.load(path, allow_pickle=False))}
+        elif path.suffix in H5_SUFFIXES:
+            features, coords, _ = read_h5_features(path)
+            tensors = {"features": features, **({"coords": coords} if coords is not None else {})}
         else:
             from safetensors.torch import load_file
 
@@ -282,4 +302,50 @@ def load_tile_features(path: str | Path) -> torch.Tensor:
     return features
 
 
-__all__ = ["extract_features", "load_tile_features", "load_encoder", "read_feature_provenance", "TILE_FEATURE_SUFFIXES"]
+def write_h5_features(path: str | Path, features: torch.Tensor, coords: torch.Tensor | None = None,
+                      attributes: dict | None = None) -> Path:  # fmt: skip
+    """Write tile features as CLAM/TRIDENT do: an h5 file with datasets `features` (N, D) float32 and
+    `coords` (N, 2) int64 level-0 (x, y), plus `attributes` as file attributes; atomically."""
+    import h5py
+
+    features = torch.as_tensor(features).float()
+    if features.ndim != 2:
+        raise ValueError(f"{path}: tile features must have shape (N, D), got {tuple(features.shape)}")
+    if coords is not None and tuple(coords.shape) != (len(features), 2):
+        raise ValueError(f"{path}: coords must have shape ({len(features)}, 2), got {tuple(coords.shape)}")
+    path = Path(path)
+    with atomic_path(path) as partial, h5py.File(partial, "w") as file:
+        file.create_dataset("features", data=features.numpy())
+        if coords is not None:
+            file.create_dataset("coords", data=torch.as_tensor(coords).to(torch.int64).numpy())
+        for key, value in (attributes or {}).items():
+            file.attrs[key] = value
+    return path
+
+
+def read_h5_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(features (N, D) float32, coords (N, 2) int64 or None, file attributes) of a CLAM/TRIDENT-style h5 file.
+
+    A leading batch axis of one, as some exporters write ((1, N, D), (1, N, 2)), is dropped.
+    """
+    import h5py
+
+    path = Path(path)
+    with h5py.File(path, "r") as file:
+        if "features" not in file:
+            raise ValueError(f"{path}: no 'features' dataset (found {sorted(file.keys())})")
+        features = torch.from_numpy(file["features"][()]).float()
+        coords = torch.from_numpy(file["coords"][()]).to(torch.int64) if "coords" in file else None
+        attributes = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in file.attrs.items()}
+    if features.ndim == 3 and features.shape[0] == 1:
+        features = features[0]
+        coords = coords[0] if coords is not None and coords.ndim == 3 else coords
+    if features.ndim != 2:
+        raise ValueError(f"{path}: 'features' must have shape (N, D), got {tuple(features.shape)}")
+    if coords is not None and tuple(coords.shape) != (len(features), 2):
+        raise ValueError(f"{path}: 'coords' has shape {tuple(coords.shape)}, expected ({len(features)}, 2)")
+    return features, coords, attributes
+
+
+__all__ = ["extract_features", "load_tile_features", "load_encoder", "read_feature_provenance", "write_h5_features",
+           "read_h5_features", "TILE_FEATURE_SUFFIXES", "FEATURE_FILE_FORMATS"]  # fmt: skip

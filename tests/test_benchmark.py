@@ -145,3 +145,17 @@ def test_gpu_benchmark_script_runs_its_parts_and_keeps_every_report(tmp_path):
 
     wrong = subprocess.run(["bash", str(script), "vit-huge"], env=env, capture_output=True, text=True, timeout=600)
     assert wrong.returncode == 2 and "unknown part" in wrong.stderr
+
+
+def test_extraction_mode_times_histomim_and_vit_on_the_same_real_tiles(tmp_path, capsys):
+    from histomim.cli.benchmark import main
+
+    out = tmp_path / "extraction.json"
+    assert main(["--extraction", "--device", "cpu", "--preset", "histomim-vit-tiny16", "--image-size", "32",
+                 "--dtype", "fp32", "--batch-size", "8", "--num-tiles", "16", "--steps", "1", "--json", str(out)]) == 0  # fmt: skip
+    figures = json.loads(out.read_text())["extraction"]
+    assert figures["histomim_tiles_per_s"] > 0 and figures["vit_tiles_per_s"] > 0
+    assert figures["ratio"] == pytest.approx(figures["histomim_tiles_per_s"] / figures["vit_tiles_per_s"])
+    assert figures["max_abs_difference"] < 1e-4  # the same weights give the same features
+    assert "CMU-1-Small-Region.svs" in figures["tiles"] and figures["num_tiles"] == 16
+    assert "transformers ViTModel" in capsys.readouterr().out

@@ -4,6 +4,8 @@
     histomim pretrain                             # the demo; histomim.cli.pretrain
     histomim extract --model M --tiles T --out F  # histomim.cli.extract
     histomim evaluate --model M --nuclei          # histomim.cli.evaluate
+    histomim segment --model M --output-dir O     # histomim.cli.segment
+    histomim classify --table T --output-dir O    # histomim.cli.classify
     histomim survival --compare-baselines         # histomim.cli.survival
     histomim benchmark --device cpu ...           # histomim.cli.benchmark
     accelerate launch -m histomim.cli pretrain --data tiles/ ...
@@ -24,6 +26,8 @@ SUBCOMMANDS = {
     "extract": "embed the tiles of tiled slides: one feature file per slide",
     "finetune": "fine-tune an encoder for classification: full (layer-wise lr decay) or LoRA",
     "evaluate": "linear probe, kNN and few-shot on frozen features, beside a random-init twin",
+    "segment": "train a semantic segmentation model on image/mask pairs, beside a random-init encoder",
+    "classify": "classify slides from tile features with ABMIL; attention heat maps and QuPath GeoJSON",
     "survival": "cross-validate a multimodal survival model on a patient table",
     "benchmark": "time histomim's training step against transformers' models",
 }

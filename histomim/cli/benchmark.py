@@ -6,6 +6,8 @@ What each optimisation buys (histomim without SDPA, without fused AdamW; with fl
     histomim benchmark --objectives mae --compile default --ablations --float8
 CPU smoke run:
     histomim benchmark --device cpu --preset histomim-vit-tiny16 --image-size 64 --batch-size 8
+Tile-embedding (feature extraction) throughput against a plain transformers ViTModel of the same size:
+    histomim benchmark --extraction --device cpu --preset histomim-vit-tiny16 --dtype fp32 --batch-size 32
 Will ViT-L MAE at batch 256 fit? (an estimate on fake tensors, no GPU needed):
     histomim benchmark --preset histomim-vitl16 --objectives mae --batch-size 256 --estimate-memory
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 from .. import HistoMIMConfig
 from ..atomic import atomic_path
 from ..training.benchmark import (
-    data_pipeline_throughput, estimate_training_memory, format_report, objective_config, run_benchmark,
+    data_pipeline_throughput, estimate_training_memory, extraction_throughput, format_report, objective_config, run_benchmark,
     save_benchmark_plot, standard_variants,
 )
 from ..presets import config_source
@@ -56,6 +58,11 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     parser.add_argument("--data-pipeline", action="store_true",
                         help="also measure input-pipeline throughput on the real sample slide (tile reading, "
                              "decoding and augmentation per CPU core; --augment-on-device's batches on --device)")
+    parser.add_argument("--extraction", action="store_true",
+                        help="only measure feature extraction instead of training steps: tiles/s of HistoMIMModel and of a "
+                        "transformers ViTModel with the same weights on the same real tiles of the sample slide, their ratio "
+                        "and output difference (--batch-size, --dtype; --steps timed passes, the best is reported)")
+    parser.add_argument("--num-tiles", type=int, default=256, help="with --extraction: tiles per timed pass (default: %(default)s)")
     parser.add_argument("--estimate-memory", action="store_true",
                         help="only estimate the peak memory of a histomim training step at --batch-size for the "
                              "first of --objectives (fake tensors: no GPU needed, no step run) and exit")
@@ -83,6 +90,15 @@ def main(argv=None, prog=None) -> int:
                                                      if kind != "total" and gib > 0) + ")")  # fmt: skip
         if args.json:
             write_json(args.json, {"estimated_peak_memory_gib": estimate})
+        return 0
+    if args.extraction:
+        figures = extraction_throughput(config, args.device, args.batch_size, args.num_tiles, args.dtype, args.steps)
+        print(f"feature extraction, {args.preset} at {config.image_size} px, batch {args.batch_size}, {args.dtype}, "
+              f"{figures['device']}: histomim {figures['histomim_tiles_per_s']:.1f} tiles/s, transformers ViTModel "
+              f"{figures['vit_tiles_per_s']:.1f} tiles/s, ratio {figures['ratio']:.2f}x "
+              f"(max |difference| of the hidden states {figures['max_abs_difference']:.1e}; {figures['tiles']})")
+        if args.json:
+            write_json(args.json, {"extraction": figures})
         return 0
     compile_modes = tuple(None if mode == "none" else mode for mode in args.compile)
     report = run_benchmark(

@@ -10,7 +10,7 @@ and refuses, naming each, those made otherwise unless --overwrite.
 import argparse
 from pathlib import Path
 
-from ..features import extract_features
+from ..features import FEATURE_FILE_FORMATS, extract_features
 
 
 def parse_args(argv=None, prog=None) -> argparse.Namespace:
@@ -27,6 +27,9 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute slides whose feature file exists (without it, a file made with another "
                         "model, other tiles or from another slide file is refused, one made like now is kept)")
+    parser.add_argument("--format", dest="file_format", choices=FEATURE_FILE_FORMATS, default="safetensors",
+                        help="feature files: safetensors, or CLAM/TRIDENT-style h5 (features, coords; needs h5py) "
+                        "(default: %(default)s)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -34,7 +37,7 @@ def main(argv=None, prog=None) -> int:
     args = parse_args(argv, prog)
     outputs = extract_features(args.model, args.tiles, args.out, batch_size=args.batch_size,
                                num_workers=args.num_workers, device=args.device, image_size=args.image_size,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, file_format=args.file_format)
     print(f"features of {len(outputs)} slides in {args.out}")
     return 0
 

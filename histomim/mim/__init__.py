@@ -8,6 +8,7 @@ from .modeling_histomim import (
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
     HistoMIMForPreTrainingOutput,
+    HistoMIMForSemanticSegmentation,
     HistoMIMModel,
     HistoMIMPreTrainedModel,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "HistoMIMForPreTraining",
     "HistoMIMForPreTrainingOutput",
     "HistoMIMForImageClassification",
+    "HistoMIMForSemanticSegmentation",
     "HistoMIMPreTrainedModel",
     "image_processor_for",
     "image_processor_classes",

@@ -25,6 +25,7 @@ AUTO_MAP = {
     "AutoModel": "modeling_histomim.HistoMIMModel",
     "AutoModelForPreTraining": "modeling_histomim.HistoMIMForPreTraining",
     "AutoModelForImageClassification": "modeling_histomim.HistoMIMForImageClassification",
+    "AutoModelForSemanticSegmentation": "modeling_histomim.HistoMIMForSemanticSegmentation",
 }
 
 

@@ -2,7 +2,8 @@
 
 Read top to bottom: position embeddings -> patch embedding -> attention/MLP/block -> encoder ->
 `HistoMIMModel` (what `AutoModel` returns; never masks unless asked) -> MAE decoder ->
-`HistoMIMForPreTraining` (masking + objective) -> `HistoMIMForImageClassification`.
+`HistoMIMForPreTraining` (masking + objective) -> `HistoMIMForImageClassification` ->
+`HistoMIMForSemanticSegmentation`.
 
 Imports of sibling files are relative on purpose: a saved model carries these files and loads with
 `trust_remote_code=True` where histomim itself is not installed.
@@ -21,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.utils import ModelOutput
@@ -792,11 +793,131 @@ class HistoMIMForImageClassification(HistoMIMPreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits, labels.float())
 
 
+# --------------------------------------------------------------------------- semantic segmentation
+
+
+class HistoMIMSegmentationDecoder(nn.Module):
+    """Patch-token feature maps of one or more encoder layers -> per-pixel class logits.
+
+    Each chosen layer's patch tokens get their own LayerNorm and become a (D, h, w) map; the maps are
+    concatenated, fused by a 1x1 conv, then upsampled 2x per stage with a 3x3 conv each (SETR's
+    progressive upsampling) until the patch grid is back at pixel resolution; a 1x1 conv classifies.
+    """
+
+    def __init__(self, config: HistoMIMConfig, num_layers: int, channels: int):
+        super().__init__()
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.norms = nn.ModuleList(nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) for _ in range(num_layers))
+        self.fuse = nn.Sequential(nn.Conv2d(num_layers * config.hidden_size, channels, 1), nn.GroupNorm(1, channels), nn.GELU())
+        # one 2x stage per factor of two in the patch size; any rest is closed by interpolation in forward
+        num_stages = max(int(math.log2(config.patch_size)), 0)
+        self.upsample = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(1, channels), nn.GELU())
+            for _ in range(num_stages)
+        )
+        self.classifier = nn.Conv2d(channels, config.num_labels, 1)
+
+    def forward(self, layer_tokens: list[torch.Tensor], grid_hw: tuple[int, int], image_hw: tuple[int, int]) -> torch.Tensor:
+        """layer_tokens: per chosen layer (B, P + L, D) -> (B, num_labels, H, W) logits."""
+        maps = []
+        for norm, tokens in zip(self.norms, layer_tokens):
+            patches = norm(tokens[:, self.num_prefix_tokens :])  # (B, L, D)
+            maps.append(patches.transpose(1, 2).reshape(patches.shape[0], -1, *grid_hw))  # (B, D, h, w)
+        hidden = self.fuse(torch.cat(maps, dim=1))  # (B, C, h, w)
+        for stage in self.upsample:
+            hidden = stage(F.interpolate(hidden, scale_factor=2, mode="bilinear", align_corners=False))  # (B, C, 2h, 2w)
+        if hidden.shape[-2:] != image_hw:
+            hidden = F.interpolate(hidden, size=image_hw, mode="bilinear", align_corners=False)  # (B, C, H, W)
+        return self.classifier(hidden)  # (B, num_labels, H, W)
+
+
+class HistoMIMForSemanticSegmentation(HistoMIMPreTrainedModel):
+    """The encoder plus a light convolutional decoder (`HistoMIMSegmentationDecoder`) to per-pixel logits.
+
+    Settings read from the config (written back into it, so a saved model states them):
+    - `segmentation_out_indices`: encoder layers whose patch tokens feed the decoder, as indices into
+      `hidden_states` (0 = embeddings, k = output of block k, negative from the end); default: the last block.
+    - `segmentation_decoder_channels`: the decoder's width (default 64).
+    - `semantic_loss_ignore_index`: the label that is left out of the loss (default 255, as in transformers).
+    `labels` (B, H, W) give a cross-entropy loss; logits are (B, num_labels, H, W), at the input's resolution.
+    """
+
+    def __init__(self, config: HistoMIMConfig):
+        super().__init__(config)
+        config.segmentation_out_indices = list(getattr(config, "segmentation_out_indices", None) or [config.num_hidden_layers])
+        config.segmentation_decoder_channels = int(getattr(config, "segmentation_decoder_channels", None) or 64)
+        config.semantic_loss_ignore_index = int(getattr(config, "semantic_loss_ignore_index", 255))
+        for index in config.segmentation_out_indices:
+            if not -(config.num_hidden_layers + 1) <= index <= config.num_hidden_layers:
+                raise ValueError(
+                    f"segmentation_out_indices: {index} is not a layer of an encoder with {config.num_hidden_layers} "
+                    f"blocks (0..{config.num_hidden_layers}, or negative from the end)"
+                )
+        if config.num_labels < 2:
+            raise ValueError(f"semantic segmentation needs num_labels >= 2 (background included), got {config.num_labels}")
+        self.num_labels = config.num_labels
+        self.histomim = HistoMIMModel(config)
+        self.decoder = HistoMIMSegmentationDecoder(
+            config, len(config.segmentation_out_indices), config.segmentation_decoder_channels
+        )
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The encoder's initialisation, plus the decoder's convolutions (kaiming, as PyTorch's default) and norms."""
+        super()._init_weights(module)
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.GroupNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        labels: optional (B, H, W) class ids; `config.semantic_loss_ignore_index` marks pixels without a label.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        encoded = self.histomim(
+            pixel_values, output_hidden_states=True, output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+        )
+        height, width = pixel_values.shape[-2:]
+        grid_hw = (height // self.config.patch_size, width // self.config.patch_size)
+        layer_tokens = [encoded.hidden_states[index] for index in self.config.segmentation_out_indices]
+        logits = self.decoder(layer_tokens, grid_hw, (height, width))  # (B, num_labels, H, W)
+
+        loss = None
+        if labels is not None:
+            if labels.shape[-2:] != logits.shape[-2:]:
+                logits_for_loss = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            else:
+                logits_for_loss = logits
+            loss = F.cross_entropy(
+                logits_for_loss.float(), labels.long(), ignore_index=self.config.semantic_loss_ignore_index
+            )
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits,
+            hidden_states=encoded.hidden_states if output_hidden_states else None, attentions=encoded.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
 __all__ = [
     "HistoMIMPreTrainedModel",
     "HistoMIMModel",
     "HistoMIMForPreTraining",
     "HistoMIMForImageClassification",
+    "HistoMIMForSemanticSegmentation",
     "HistoMIMForPreTrainingOutput",
     "patchify",
     "unpatchify",

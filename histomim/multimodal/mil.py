@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -24,6 +25,19 @@ class MILOutput(NamedTuple):
     tokens: Tensor  # (B, n, H) tile embeddings (a random subset of tiles when sampled in training)
     token_mask: Tensor  # (B, n) True for real tiles, False for padding
     attention: Tensor  # (B, n) attention weights over tiles, zero on padding, summing to 1 per non-empty bag
+
+
+def pad_bags(bags: Sequence[Tensor | None], item_shape: int | tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Bags of tiles ``[(N_i, *item_shape) or None]`` (features: ``item_shape = D``; pixels: ``(C, H, W)``) ->
+    padded bags ``(B, N, *item_shape)`` and mask ``(B, N)`` (True = real tile)."""
+    item_shape = (item_shape,) if isinstance(item_shape, int) else tuple(item_shape)
+    longest = max([1, *(len(b) for b in bags if b is not None)])
+    features = torch.zeros(len(bags), longest, *item_shape)
+    mask = torch.zeros(len(bags), longest, dtype=torch.bool)
+    for row, bag in enumerate(bags):
+        if bag is not None:
+            features[row, : len(bag)], mask[row, : len(bag)] = bag, True
+    return features, mask
 
 
 def sample_tiles(
@@ -149,4 +163,4 @@ class TileEncoderMIL(nn.Module):
         return self.mil(features, mask)
 
 
-__all__ = ["ABMIL", "GatedAttentionPooling", "MILOutput", "TileEncoderMIL", "sample_tiles"]
+__all__ = ["ABMIL", "GatedAttentionPooling", "MILOutput", "TileEncoderMIL", "pad_bags", "sample_tiles"]

@@ -29,6 +29,7 @@ from sklearn.utils.validation import check_is_fitted, check_random_state
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..multimodal.mil import pad_bags
 from .curves import BreslowBaseline, discrete_survival_at
 from .labels import _plain, bin_index, split_survival, time_bins
 
@@ -115,18 +116,6 @@ def _as_list(cell) -> list:
     if isinstance(cell, (list, tuple, np.ndarray)):
         return [c for c in cell if not pd.isna(c)]
     return [] if pd.isna(cell) else [cell]
-
-
-def _pad_bags(bags: Sequence[Tensor | None], item_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Bags of tiles ``[(N_i, *item_shape) or None]`` (features ``(D,)`` or pixels ``(C, H, W)`` per tile) ->
-    padded bags ``(B, N, *item_shape)`` and mask ``(B, N)``."""
-    longest = max([1, *(len(b) for b in bags if b is not None)])
-    features = torch.zeros(len(bags), longest, *item_shape)
-    mask = torch.zeros(len(bags), longest, dtype=torch.bool)
-    for row, bag in enumerate(bags):
-        if bag is not None:
-            features[row, : len(bag)], mask[row, : len(bag)] = bag, True
-    return features, mask
 
 
 def _nonfinite_cause(model, outputs) -> str:
@@ -401,7 +390,7 @@ class SurvivalEstimator(BaseEstimator):
                 size = config.histology_encoder.image_size
                 item_shape = (config.histology_encoder.num_channels, size, size)
             bags = [inputs["histology"][r] for r in rows]
-            batch["histology"], batch["histology_mask"] = _pad_bags(bags, item_shape)
+            batch["histology"], batch["histology_mask"] = pad_bags(bags, item_shape)
         if "radiology" in inputs:
             config = self.models_[0].config
             shape = (config.radiology_num_channels, *config.radiology_image_size)
@@ -705,6 +694,19 @@ class SurvivalEstimator(BaseEstimator):
         tabular matrix, padded tile bags, scans), e.g. ``AutoModel.from_pretrained(path)(**inputs).risk``."""
         inputs = self._predict_inputs(X)
         return self._batch(inputs, np.arange(len(next(iter(inputs.values())))))
+
+    @torch.no_grad()
+    def predict_attention(self, X) -> list[np.ndarray]:
+        """Per row of ``X``, the ABMIL attention over its tiles ``(N_i,)`` (in the order of its feature files,
+        summing to 1; averaged over a seed ensemble; empty for a row without tiles): the per-tile scores that
+        `histomim.slide_maps` draws over the slide and exports to QuPath."""
+        if self.histology_col is None:
+            raise ValueError("predict_attention needs tile features: the estimator was fitted without histology_col")
+        inputs = self._predict_inputs(X)
+        batch = self._batch(inputs, np.arange(len(inputs["histology"])))
+        attention = torch.stack([model.eval()(**batch).histology_attention for model in self.models_]).mean(0)  # (B, N)
+        mask = batch["histology_mask"]  # (B, N)
+        return [attention[i][mask[i]].cpu().double().numpy() for i in range(len(mask))]
 
     def save_pretrained(self, directory: str | Path) -> list[Path]:
         """Save the fitted fusion model(s) with ``save_pretrained`` (safetensors + config + remote code):

@@ -551,3 +551,75 @@ __all__ = [
     "run_benchmark", "standard_variants", "Variant", "estimate_training_memory", "data_pipeline_throughput", "device_augmentation_throughput",
     "format_report", "save_benchmark_plot", "training_flops_per_image", "transformer_macs", "BenchmarkReport",
 ]
+
+
+# --------------------------------------------------------------------------- feature extraction
+
+
+def real_tile_pixels(image_size: int, num_tiles: int, mpp: float = 0.5) -> tuple[torch.Tensor, str]:
+    """(num_tiles, 3, S, S) normalised tissue tiles of the real sample slide (repeated when it has fewer), and
+    where they come from. Both extraction rows run on this same tensor."""
+    from ..data.samples import sample_slide_path
+    from ..data.slides import open_slide
+    from ..data.tiling import tile_manifest
+    from ..data.tissue import detect_tissue
+    from ..mim.image_processing_histomim import image_processor_for
+
+    with open_slide(sample_slide_path()) as slide:
+        manifest = tile_manifest(slide, detect_tissue(slide), mpp=mpp, tile_size=image_size, min_tissue=0.5)
+        rows = [manifest.iloc[i % len(manifest)] for i in range(num_tiles)]
+        tiles = [slide.read_tile((int(r.x), int(r.y)), int(r.level), int(r.read_size), image_size) for r in rows]
+    processor = image_processor_for(HistoMIMConfig(image_size=image_size))
+    pixels = processor(images=tiles, return_tensors="pt")["pixel_values"]  # (N, 3, S, S)
+    return pixels, f"{len(manifest)} tissue tiles of {sample_slide_path().name} at {mpp} um/px, {image_size} px"
+
+
+@torch.inference_mode()
+def time_extraction(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, dtype: str, repeats: int,
+                    device: torch.device) -> float:  # fmt: skip
+    """Tiles/s of the encoder's forward over ``pixels`` in batches (after one untimed pass); the best of
+    ``repeats`` passes, as timeit does, since a shared machine only ever adds time."""
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    autocast = dtype != "fp32"  # as histomim extract: bf16 autocast on a GPU
+
+    def one_pass() -> None:
+        for start in range(0, len(pixels), batch_size):
+            batch = pixels[start : start + batch_size].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch_dtype, enabled=autocast):
+                model(pixel_values=batch)
+        synchronize(device)
+
+    one_pass()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - start)
+    return len(pixels) / min(times)
+
+
+def extraction_throughput(config: HistoMIMConfig, device: str = "cpu", batch_size: int = 64, num_tiles: int = 256,
+                          dtype: str = "fp32", repeats: int = 3) -> dict:  # fmt: skip
+    """Tile-embedding throughput of `HistoMIMModel` against a plain transformers `ViTModel` of the same size
+    holding the same weights (`histomim.export.to_vit`), on the same real tiles: tiles/s of each, the ratio
+    histomim / ViT, and the largest difference of their final hidden states (fp32: the exactness check)."""
+    from ..export import to_vit
+    from ..mim.modeling_histomim import HistoMIMModel
+
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        histomim = HistoMIMModel(config).eval()
+    vit = to_vit(histomim).eval()
+    pixels, source = real_tile_pixels(config.image_size, num_tiles)
+    with torch.inference_mode():
+        sample = pixels[:4]
+        difference = (histomim(sample).last_hidden_state - vit(pixel_values=sample).last_hidden_state).abs().max().item()
+    histomim, vit = histomim.to(device), vit.to(device)
+    figures = {
+        "histomim_tiles_per_s": time_extraction(histomim, pixels, batch_size, dtype, repeats, device),
+        "vit_tiles_per_s": time_extraction(vit, pixels, batch_size, dtype, repeats, device),
+    }
+    return {**figures, "ratio": figures["histomim_tiles_per_s"] / figures["vit_tiles_per_s"],
+            "max_abs_difference": difference, "tiles": source, "num_tiles": num_tiles, "batch_size": batch_size,
+            "dtype": dtype, "device": describe_device(device), "repeats": repeats}  # fmt: skip
