@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.sources import TileData
+from .mim.modeling_histomim import TRAINING_ONLY_PREFIXES
 from .training.common import hardware_summary, jsonable, loss_summary
 
 # Config values recorded in pretrain_summary.json and shown on the model card.
@@ -83,7 +84,10 @@ def run_summary(
         "demo": args.demo,
         "config": summary_config(model.config),
         "encoder_parameters": encoder_parameters,
-        "total_parameters": sum(p.numel() for p in model.parameters()),
+        # what is published: a tokenizer or EMA teacher used for the targets is not part of the model
+        "total_parameters": sum(
+            p.numel() for name, p in model.named_parameters() if not name.startswith(TRAINING_ONLY_PREFIXES)
+        ),
         "data": {
             "inputs": tiles.inputs,
             "source": tiles.source,

@@ -710,7 +710,7 @@ def beit_codebook_size(config: HistoMIMConfig) -> int:
         from transformers import AutoConfig
 
         try:
-            tokenizer_config = AutoConfig.from_pretrained(config.tokenizer_name_or_path, trust_remote_code=True)
+            tokenizer_config = AutoConfig.from_pretrained(config.tokenizer_name_or_path)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"tokenizer_name_or_path {config.tokenizer_name_or_path!r} is not a tokenizer folder or reachable Hub id: {error}"
@@ -726,7 +726,7 @@ def load_frozen_tokenizer(config: HistoMIMConfig) -> nn.Module:
 
     source = config.tokenizer_name_or_path
     try:
-        tokenizer = AutoModel.from_pretrained(source, trust_remote_code=True)
+        tokenizer = AutoModel.from_pretrained(source)  # histomim registers the tokenizer's Auto classes
     except (OSError, ValueError) as error:
         raise ValueError(f"tokenizer_name_or_path {source!r} does not load: {error}") from error
     if not hasattr(tokenizer, "get_codebook_indices"):
