@@ -297,6 +297,24 @@ def make_blocks(config: HistoMIMConfig, depth: int, dim: int, num_heads: int, ml
 # --------------------------------------------------------------------------- pretrained-model base
 
 
+def init_block_module(module: nn.Module) -> bool:
+    """MAE's initialisation of the modules every transformer block is made of: xavier-uniform linears, unit
+    LayerNorms, LayerScale at its init value. Returns whether ``module`` was one of them (the encoder and the
+    tokenizer initialise the rest themselves)."""
+    if isinstance(module, nn.Linear):
+        init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, LayerScale):
+        init.constant_(module.gamma, module.init_value)
+    else:
+        return False
+    return True
+
+
 class HistoMIMPreTrainedModel(PreTrainedModel):
     config_class = HistoMIMConfig
     base_model_prefix = "histomim"
@@ -322,16 +340,9 @@ class HistoMIMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """MAE initialisation: xavier-uniform linears, N(0, 0.02) tokens, fixed sin-cos positions."""
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, LayerScale):
-            init.constant_(module.gamma, module.init_value)
-        elif isinstance(module, HistoMIMEmbeddings):
+        if init_block_module(module):
+            return
+        if isinstance(module, HistoMIMEmbeddings):
             weight = module.patch_embed.weight
             init.xavier_uniform_(weight.view(weight.shape[0], -1))  # like a Linear over flattened patches
             init.zeros_(module.patch_embed.bias)

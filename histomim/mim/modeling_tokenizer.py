@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 from .configuration_tokenizer import HistoMIMTokenizerConfig
 from .modeling_histomim import (
     HistoMIMModel,
-    LayerScale,
+    init_block_module,
     make_blocks,
     patchify,
     resize_position_embedding,
@@ -189,16 +189,9 @@ class HistoMIMTokenizer(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Xavier linears and unit norms as the encoder; random unit codes; fixed sin-cos decoder positions."""
-        if isinstance(module, nn.Linear):
-            init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, LayerScale):
-            init.constant_(module.gamma, module.init_value)
-        elif isinstance(module, CosineCodebook):
+        if init_block_module(module):
+            return
+        if isinstance(module, CosineCodebook):
             init.copy_(module.embedding, F.normalize(torch.randn_like(module.embedding), dim=-1))
             init.zeros_(module.cluster_size)
             init.zeros_(module.embed_sum)
