@@ -1,7 +1,8 @@
 """Tile slides at a physical resolution: a grid of level-0 boxes over tissue, saved as manifests.
 
-A tile is a row ``(slide_id, path, x, y, level, read_size, tile_size, mpp, tissue_fraction)``:
-read ``read_size`` px at pyramid ``level`` from level-0 ``(x, y)``, then resize to ``tile_size``.
+A tile is a row ``(slide_id, path, x, y, level, read_size, tile_size, mpp, tissue_fraction, pen_fraction,
+focus, brightness)``: read ``read_size`` px at pyramid ``level`` from level-0 ``(x, y)``, then resize to
+``tile_size``; the last three are the tile's quality scores (`histomim.data.quality`).
 Manifests hold no pixels; `histomim.data.tiles` reads tiles from the slides when training.
 
 `tile_slides` runs over many slides and is safe to interrupt and rerun: each slide's manifest
@@ -25,13 +26,18 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path
+from .quality import check_quality_bounds, score_tiles
 from .slides import SLIDE_EXTENSIONS, Slide, SlideError, open_slide
 from .tissue import TissueMask, detect_tissue, require_tissue, save_tissue_overlay
 
-MANIFEST_COLUMNS = ("slide_id", "path", "x", "y", "level", "read_size", "tile_size", "mpp", "tissue_fraction")
+MANIFEST_COLUMNS = (
+    "slide_id", "path", "x", "y", "level", "read_size", "tile_size", "mpp", "tissue_fraction",
+    "pen_fraction", "focus", "brightness",
+)  # fmt: skip
 _MANIFEST_DTYPES = {
     "slide_id": "string", "path": "string", "x": "int64", "y": "int64", "level": "int64",
     "read_size": "int64", "tile_size": "int64", "mpp": "float64", "tissue_fraction": "float64",
+    "pen_fraction": "float64", "focus": "float64", "brightness": "float64",
 }  # fmt: skip
 
 
@@ -79,13 +85,23 @@ def tile_manifest(
     tile_size: int = 224,
     overlap: int = 0,
     min_tissue: float = 0.5,
+    max_pen_fraction: float = 0.1,
+    min_focus: float = 0.0,
+    min_brightness: float = 0.0,
+    max_brightness: float = 1.0,
+    workers: int = 1,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """The tiles of one slide with at least ``min_tissue`` tissue, as a manifest (`MANIFEST_COLUMNS`).
 
     Only whole tiles are kept: a strip narrower than a tile at the right and bottom edges is left out.
+    The tiles over tissue are then read (in ``workers`` threads) and scored (`histomim.data.quality`):
+    kept are those with at most ``max_pen_fraction`` marker ink, a focus score (variance of the
+    Laplacian) of at least ``min_focus`` and a mean brightness in ``[min_brightness, max_brightness]``.
     """
     if not 0 <= min_tissue <= 1:
         raise ValueError(f"min_tissue must be in [0, 1], got {min_tissue}")
+    check_quality_bounds(max_pen_fraction, min_focus, min_brightness, max_brightness)
     geometry = tile_geometry(slide, mpp, tile_size, overlap)
     width, height = slide.dimensions
 
@@ -111,7 +127,14 @@ def tile_manifest(
             "tissue_fraction": fractions[keep],
         }
     )
-    return manifest.astype(_MANIFEST_DTYPES)
+    # 3. read the tiles over tissue; drop ink, blur and tiles too dark or too bright
+    manifest = score_tiles(slide, manifest, workers, progress)
+    good = (
+        (manifest["pen_fraction"] <= max_pen_fraction)
+        & (manifest["focus"] >= min_focus)
+        & manifest["brightness"].between(min_brightness, max_brightness)
+    )
+    return manifest[good].reset_index(drop=True).astype(_MANIFEST_DTYPES)
 
 
 def find_slides(inputs: Iterable[str | Path], extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
@@ -150,6 +173,14 @@ class TilingConfig:
     tile_size: int = 224
     overlap: int = 0
     min_tissue: float = 0.5
+    max_pen_fraction: float = 0.1
+    min_focus: float = 0.0
+    min_brightness: float = 0.0
+    max_brightness: float = 1.0
+
+    def __post_init__(self):
+        # before tiling_config.json records them: a typo must not block the corrected rerun
+        check_quality_bounds(self.max_pen_fraction, self.min_focus, self.min_brightness, self.max_brightness)
 
 
 @dataclass(frozen=True)
@@ -244,6 +275,10 @@ def tile_slides(
     tile_size: int = 224,
     overlap: int = 0,
     min_tissue: float = 0.5,
+    max_pen_fraction: float = 0.1,
+    min_focus: float = 0.0,
+    min_brightness: float = 0.0,
+    max_brightness: float = 1.0,
     workers: int = 1,
     save_images: bool = False,
     mpp_override: float | None = None,
@@ -261,6 +296,7 @@ def tile_slides(
         paths: slide files (see `find_slides` to expand folders).
         mpp: target um/px of the tiles; tile_size: output px; overlap: px shared by neighbours.
         min_tissue: keep tiles whose tissue fraction is at least this.
+        max_pen_fraction, min_focus, min_brightness, max_brightness: tile quality bounds (see `tile_manifest`).
         workers: processes over slides (or threads over tiles when there is a single slide).
         mpp_override: um/px to use for every slide, e.g. for PNGs without resolution metadata.
         backend: slide reader (see `open_slide`).
@@ -270,7 +306,10 @@ def tile_slides(
             was tiled with different settings.
     """
     folder = TileFolder(out_dir)
-    config = TilingConfig(mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue)
+    config = TilingConfig(
+        mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue, max_pen_fraction=max_pen_fraction,
+        min_focus=min_focus, min_brightness=min_brightness, max_brightness=max_brightness,
+    )  # fmt: skip
     slides = [Path(p) for p in paths]
     _check_unique_ids(slides)
     _check_config(folder, config)
@@ -287,7 +326,7 @@ def tile_slides(
 
     tile_workers = workers if len(todo) == 1 else 1
     job = dict(folder=folder, config=config, save_images=save_images, mpp_override=mpp_override,
-               backend=backend, tile_workers=tile_workers)  # fmt: skip
+               backend=backend, tile_workers=tile_workers, progress=len(todo) == 1)  # fmt: skip
     with _executor(workers, len(todo)) as executor, tqdm(total=len(todo), desc="tiling slides", unit="slide") as bar:
         futures = {executor.submit(_tile_one_slide, path, **job): path for path in todo}
         for future in as_completed(futures):
@@ -325,6 +364,7 @@ def _tile_one_slide(
     mpp_override: float | None,
     backend: str,
     tile_workers: int,
+    progress: bool,
 ) -> int:
     """Tile one slide and write its outputs; returns the number of tiles. Runs in a worker."""
     with open_slide(path, backend=backend, mpp_override=mpp_override) as slide:
@@ -334,12 +374,14 @@ def _tile_one_slide(
         if tissue.is_empty:
             save_tissue_overlay(slide, tissue, overlay_path)  # so a person can see why
         require_tissue(slide, tissue)
-        manifest = tile_manifest(slide, tissue, config.mpp, config.tile_size, config.overlap, config.min_tissue)
+        manifest = tile_manifest(slide, tissue, **asdict(config), workers=tile_workers, progress=progress)
         save_tissue_overlay(slide, tissue, overlay_path, tiles=manifest)
         if manifest.empty:
             raise SlideError(
                 f"{path}: tissue covers {tissue.fraction:.1%} of the slide but no {config.tile_size}px tile at "
-                f"{config.mpp} um/px has >= {config.min_tissue:.0%} tissue; lower min_tissue (--min-tissue)"
+                f"{config.mpp} um/px has >= {config.min_tissue:.0%} tissue, <= {config.max_pen_fraction:.0%} pen ink, "
+                f"focus >= {config.min_focus} and brightness in [{config.min_brightness}, {config.max_brightness}]; "
+                f"lower min_tissue (--min-tissue) or loosen those bounds (--max-pen-fraction, --min-focus, ...)"
             )
     if save_images:
         _save_tile_images(manifest, folder.slide_tiles_dir(path.stem), backend, tile_workers)

@@ -2,7 +2,8 @@
 
 Stained tissue is coloured while glass, background and black scanner borders are grey, so an
 Otsu threshold on HSV saturation separates them; morphology then closes gaps between cells,
-fills small holes and drops specks of dust.
+fills small holes and drops specks of dust. Marker ink is saturated too: its pixels
+(`histomim.data.quality.pen_mask_from_rgb`) are taken out of the mask.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .quality import pen_mask_from_rgb
 from .slides import Slide, SlideError
 
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ def tissue_mask_from_rgb(
     min_object_px: int = 64,
     min_hole_px: int = 64,
 ) -> tuple[np.ndarray, float]:
-    """Tissue mask of an RGB image; returns ``(mask (h, w) bool, saturation threshold)``.
+    """Tissue mask of an RGB image, without marker ink; returns ``(mask (h, w) bool, saturation threshold)``.
 
     Args:
         rgb: (h, w, 3) uint8.
@@ -94,6 +96,7 @@ def tissue_mask_from_rgb(
     if closing_radius > 0:
         mask = closing(mask, disk(closing_radius)).astype(bool)
     mask = ~_drop_small_components(~mask, min_hole_px)
+    mask &= ~pen_mask_from_rgb(rgb)  # after the closing, which would bridge thin strokes again
     mask = _drop_small_components(mask, min_object_px)
     return mask, threshold
 
