@@ -33,6 +33,7 @@ class TissueMask:
     downsample: float  # level-0 pixels per mask pixel
     mpp: float | None  # level-0 um/px of the slide, if known
     threshold: float  # saturation threshold that was used
+    thumbnail: np.ndarray | None = None  # (h, w, 3) uint8 the mask was found on; the overlay reuses it
 
     @property
     def fraction(self) -> float:
@@ -128,7 +129,7 @@ def detect_tissue(slide: Slide, mask_mpp: float = 4.0, max_size: int = 4096, **m
     mask, threshold = tissue_mask_from_rgb(thumbnail, **mask_kwargs)
     # the thumbnail is rounded to whole pixels; the mean per-axis scale is exact to < 1 mask px
     actual_downsample = (width / mask.shape[1] + height / mask.shape[0]) / 2
-    return TissueMask(mask=mask, downsample=actual_downsample, mpp=slide.mpp, threshold=threshold)
+    return TissueMask(mask=mask, downsample=actual_downsample, mpp=slide.mpp, threshold=threshold, thumbnail=thumbnail)
 
 
 def require_tissue(slide: Slide, tissue: TissueMask) -> TissueMask:
@@ -155,7 +156,8 @@ def save_tissue_overlay(
 
     png_path = Path(png_path)
     height, width = tissue.mask.shape
-    thumbnail = slide.thumbnail(max(width, height))  # (h, w, 3), same grid as the mask
+    # the thumbnail the mask came from, not a second pass over the slide (all of level 0 without a pyramid)
+    thumbnail = tissue.thumbnail if tissue.thumbnail is not None else slide.thumbnail(max(width, height))  # (h, w, 3)
 
     figure = new_figure(figsize=(8, 8 * height / width + 0.6))  # no pyplot: safe in worker threads and processes
     axes = figure.add_subplot()
