@@ -276,7 +276,8 @@ def test_enhanced_multiframe_dicom_is_reoriented_from_its_functional_groups(nift
     from pydicom.uid import generate_uid
 
     image = nibabel.load(nifti_path)
-    slices = list(_dicom_slices(np.asarray(image.dataobj), image.affine, "sagittal"))[::-1]  # frames stored out of order
+    slices = list(_dicom_slices(np.asarray(image.dataobj), image.affine, "sagittal"))
+    slices = slices[::-1]  # frames stored in the file out of order
     dataset = _dicom_template(generate_uid())
     dataset.set_pixel_data(np.stack([s[0] for s in slices]), photometric_interpretation="MONOCHROME2", bits_stored=16)
     del dataset.ImageOrientationPatient, dataset.ImagePositionPatient, dataset.PixelSpacing  # only in the groups
@@ -291,7 +292,12 @@ def test_enhanced_multiframe_dicom_is_reoriented_from_its_functional_groups(nift
 
     _, orientation, _, spacing = slices[0]
     dataset.SharedFunctionalGroupsSequence = DicomSequence(
-        [item(PlaneOrientationSequence=("ImageOrientationPatient", orientation), PixelMeasuresSequence=("PixelSpacing", spacing))]
+        [
+            item(
+                PlaneOrientationSequence=("ImageOrientationPatient", orientation),
+                PixelMeasuresSequence=("PixelSpacing", spacing),
+            )
+        ]
     )
     dataset.PerFrameFunctionalGroupsSequence = DicomSequence(
         [item(PlanePositionSequence=("ImagePositionPatient", position)) for _, _, position, _ in slices]

@@ -198,7 +198,9 @@ def test_thumbnail_of_a_slide_without_pyramid_is_read_once_in_strips(tmp_path, s
 
     level0 = np.tile(slide.read_region((0, 0), 0, (2000, 2000)), (3, 3, 1))  # (6000, 6000, 3) real tissue
     path = tmp_path / "flat.tif"
-    tifffile.imwrite(path, level0, photometric="rgb", tile=(256, 256), resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        path, level0, photometric="rgb", tile=(256, 256), resolution=(4e4, 4e4), resolutionunit="CENTIMETER"
+    )  # 0.25 um/px
     strip_pixels = 2**20  # a small budget, so that the 36 Mpx image is read as ~35 strips
     monkeypatch.setattr(slides_module, "_THUMBNAIL_STRIP_PIXELS", strip_pixels)
     reads: list[tuple[int, int]] = []

@@ -79,7 +79,9 @@ def score_tiles(slide: Slide, manifest: pd.DataFrame, workers: int = 1, progress
     return pd.concat([manifest, scores], axis=1)
 
 
-def check_quality_bounds(max_pen_fraction: float, min_focus: float, min_brightness: float, max_brightness: float) -> None:
+def check_quality_bounds(
+    max_pen_fraction: float, min_focus: float, min_brightness: float, max_brightness: float
+) -> None:
     """Refuse filter bounds that are out of range, naming the argument and its command-line flag."""
     if not 0 <= max_pen_fraction <= 1:
         raise ValueError(f"max_pen_fraction (--max-pen-fraction) must be in [0, 1], got {max_pen_fraction}")

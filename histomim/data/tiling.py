@@ -374,7 +374,12 @@ def _tile_one_slide(
         if tissue.is_empty:
             save_tissue_overlay(slide, tissue, overlay_path)  # so a person can see why
         require_tissue(slide, tissue)
-        manifest = tile_manifest(slide, tissue, **asdict(config), workers=tile_workers, progress=progress)
+        manifest = tile_manifest(
+            slide, tissue, config.mpp, config.tile_size, config.overlap, config.min_tissue,
+            max_pen_fraction=config.max_pen_fraction, min_focus=config.min_focus,
+            min_brightness=config.min_brightness, max_brightness=config.max_brightness,
+            workers=tile_workers, progress=progress,
+        )  # fmt: skip
         save_tissue_overlay(slide, tissue, overlay_path, tiles=manifest)
         if manifest.empty:
             raise SlideError(
