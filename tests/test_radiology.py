@@ -172,7 +172,9 @@ def test_corrupt_files_raise_value_error_naming_the_file(ct_path, nifti_path, tm
     series = tmp_path / "mixed_series"
     series.mkdir()
     shutil.copy(ct_path, series / "1.dcm")
-    shutil.copy(pydicom.examples.get_path("mr"), series / "2.dcm")
+    mr = pydicom.dcmread(pydicom.examples.get_path("mr"))
+    mr.SeriesInstanceUID = pydicom.dcmread(ct_path).SeriesInstanceUID  # claims to be a slice of the CT series
+    mr.save_as(series / "2.dcm")
     with pytest.raises(ValueError, match=r"2.dcm has shape \(64, 64\)"):
         read_dicom(series)
 
@@ -192,3 +194,149 @@ def test_encoder_on_real_scans(spatial_dims, shape, ct_path, nifti_path):
     assert not torch.allclose(embedding[0], embedding[1])
     with pytest.raises(ValueError, match="C=1"):
         encoder(images.repeat_interleave(2, dim=1))
+
+
+# -- DICOM and NIfTI of one volume --------------------------------------------------------------
+
+# How a scanner lays out its slices, as voxel indices (x, y, z) of anatomical.nii (an LAS volume:
+# x runs to the patient's left, y to anterior, z to superior) for stored pixel (row, column) of slice k.
+SLICE_LAYOUTS = {
+    # axial, IOP [1,0,0, 0,1,0]: columns run to the left, rows to posterior, slices to superior
+    "axial": lambda shape: (shape[2], shape[1], shape[0], lambda r, c, k: (c, shape[1] - 1 - r, k)),
+    # sagittal, IOP [0,1,0, 0,0,-1]: columns run to posterior, rows to inferior, slices to the left
+    "sagittal": lambda shape: (shape[0], shape[2], shape[1], lambda r, c, k: (k, shape[1] - 1 - c, shape[2] - 1 - r)),
+}
+
+
+def _dicom_slices(data: np.ndarray, affine: np.ndarray, layout: str):
+    """``(pixels (rows, cols) int16, orientation, position, (row, column) spacing)`` per stored slice, in LPS.
+
+    Written from DICOM's definition of the plane tags: pixel (r, c) lies at
+    ``ImagePositionPatient + c * column_spacing * row_direction + r * row_spacing * column_direction``.
+    """
+    n_slices, rows, columns, voxel = SLICE_LAYOUTS[layout](data.shape)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # NIfTI's RAS -> DICOM's LPS
+
+    def position(index):
+        return (lps @ [*index, 1.0])[:3]
+
+    for k in range(n_slices):
+        pixels = np.array([[data[voxel(r, c, k)] for c in range(columns)] for r in range(rows)], dtype=np.int16)
+        origin = position(voxel(0, 0, k))
+        along_row, down_column = position(voxel(0, 1, k)) - origin, position(voxel(1, 0, k)) - origin
+        column_spacing, row_spacing = np.linalg.norm(along_row), np.linalg.norm(down_column)
+        orientation = [*(along_row / column_spacing), *(down_column / row_spacing)]
+        yield pixels, orientation, origin, (row_spacing, column_spacing)
+
+
+def _dicom_template(series_uid: str):
+    from pydicom.uid import generate_uid
+
+    dataset = pydicom.dcmread(pydicom.examples.get_path("mr"))  # a real MR header to carry the new pixels
+    dataset.SeriesInstanceUID = series_uid
+    dataset.SOPInstanceUID = generate_uid()
+    del dataset.WindowCenter, dataset.WindowWidth  # the NIfTI has no display window: both get min-max scaling
+    return dataset
+
+
+def write_dicom_series(folder: Path, nifti_path: Path, layout: str) -> str:
+    """Write the NIfTI volume as a DICOM series, one slice per file in shuffled file order; return its UID."""
+    from pydicom.uid import generate_uid
+
+    image = nibabel.load(nifti_path)
+    folder.mkdir()
+    series_uid = generate_uid()
+    slices = list(_dicom_slices(np.asarray(image.dataobj), image.affine, layout))
+    names = np.random.default_rng(0).permutation(len(slices))  # file order says nothing about position
+    for k, (pixels, orientation, position, spacing) in enumerate(slices):
+        dataset = _dicom_template(series_uid)
+        dataset.set_pixel_data(pixels, photometric_interpretation="MONOCHROME2", bits_stored=16)
+        dataset.ImageOrientationPatient = [round(float(v), 6) for v in orientation]
+        dataset.ImagePositionPatient = [round(float(v), 4) for v in position]
+        dataset.PixelSpacing = [round(float(v), 6) for v in spacing]
+        dataset.InstanceNumber = k + 1
+        dataset.save_as(folder / f"IM{names[k]:04d}.dcm")
+    return series_uid
+
+
+@pytest.mark.parametrize("layout", sorted(SLICE_LAYOUTS))
+def test_dicom_series_and_nifti_of_one_volume_load_identically(layout, nifti_path, tmp_path):
+    """Today's bug: DICOM kept its stored row/column order, a 180-degree rotation away from the NIfTI."""
+    write_dicom_series(tmp_path / "series", nifti_path, layout)
+    dicom, nifti = read_dicom(tmp_path / "series"), read_nifti(nifti_path)
+    assert dicom.pixels.shape == nifti.pixels.shape == (1, 25, 41, 33)  # (C, superior, anterior, right)
+    torch.testing.assert_close(dicom.pixels, nifti.pixels, rtol=0, atol=0)
+    assert dicom.spacing == pytest.approx(nifti.spacing)
+    torch.testing.assert_close(load_scan(tmp_path / "series", size=16), load_scan(nifti_path, size=16))
+
+
+def test_enhanced_multiframe_dicom_is_reoriented_from_its_functional_groups(nifti_path, tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import generate_uid
+
+    image = nibabel.load(nifti_path)
+    slices = list(_dicom_slices(np.asarray(image.dataobj), image.affine, "sagittal"))
+    slices = slices[::-1]  # frames stored in the file out of order
+    dataset = _dicom_template(generate_uid())
+    dataset.set_pixel_data(np.stack([s[0] for s in slices]), photometric_interpretation="MONOCHROME2", bits_stored=16)
+    del dataset.ImageOrientationPatient, dataset.ImagePositionPatient, dataset.PixelSpacing  # only in the groups
+
+    def item(**sequences) -> Dataset:
+        group = Dataset()
+        for name, (keyword, value) in sequences.items():
+            inner = Dataset()
+            setattr(inner, keyword, [round(float(v), 6) for v in value])
+            setattr(group, name, DicomSequence([inner]))
+        return group
+
+    _, orientation, _, spacing = slices[0]
+    dataset.SharedFunctionalGroupsSequence = DicomSequence(
+        [
+            item(
+                PlaneOrientationSequence=("ImageOrientationPatient", orientation),
+                PixelMeasuresSequence=("PixelSpacing", spacing),
+            )
+        ]
+    )
+    dataset.PerFrameFunctionalGroupsSequence = DicomSequence(
+        [item(PlanePositionSequence=("ImagePositionPatient", position)) for _, _, position, _ in slices]
+    )
+    dataset.save_as(tmp_path / "volume.dcm")
+
+    scan, nifti = read_dicom(tmp_path / "volume.dcm"), read_nifti(nifti_path)
+    torch.testing.assert_close(scan.pixels, nifti.pixels, rtol=0, atol=0)
+    assert scan.spacing == pytest.approx(nifti.spacing)
+
+    del dataset.PerFrameFunctionalGroupsSequence
+    dataset.save_as(tmp_path / "no_positions.dcm")
+    with pytest.raises(ValueError, match="no_positions.dcm has 33 frames but no per-frame positions"):
+        read_dicom(tmp_path / "no_positions.dcm")
+
+
+def test_a_folder_with_several_series_is_refused_unless_one_is_chosen(ct_path, nifti_path, tmp_path):
+    folder = tmp_path / "study"
+    series_uid = write_dicom_series(folder, nifti_path, "axial")
+    shutil.copy(ct_path, folder / "ct.dcm")  # another series of the same patient's study
+    ct_uid = pydicom.dcmread(ct_path).SeriesInstanceUID
+    with pytest.raises(ValueError, match=rf"study holds 2 series: .*{series_uid} \(25 files\).*{ct_uid} \(1 files\)"):
+        read_dicom(folder)
+    torch.testing.assert_close(read_dicom(folder, series_uid=series_uid).pixels, read_nifti(nifti_path).pixels)
+    torch.testing.assert_close(load_scan(folder, series_uid=ct_uid), load_scan(ct_path))  # the CT alone
+    with pytest.raises(ValueError, match=r"has no series '1\.2\.3'"):
+        read_dicom(folder, series_uid="1.2.3")
+
+
+def test_series_slices_without_position_or_at_one_position_are_refused(nifti_path, tmp_path):
+    write_dicom_series(tmp_path / "series", nifti_path, "axial")
+    files = sorted((tmp_path / "series").iterdir())
+    duplicate = pydicom.dcmread(files[0])
+    duplicate.SOPInstanceUID = pydicom.uid.generate_uid()
+    duplicate.save_as(tmp_path / "series" / "copy.dcm")
+    with pytest.raises(ValueError, match="lie at the same position"):
+        read_dicom(tmp_path / "series")
+    unplaced = pydicom.dcmread(files[1])
+    del unplaced.ImagePositionPatient
+    unplaced.save_as(tmp_path / "series" / "copy.dcm")
+    with pytest.raises(ValueError, match="copy.dcm has no ImagePositionPatient"):
+        read_dicom(tmp_path / "series")

@@ -185,3 +185,48 @@ def test_close_releases_reader(svs_path):
     slide.close()  # idempotent
     with pytest.raises(SlideError, match="closed slide"):
         slide.read_region((0, 0), 0, (10, 10))
+
+
+def test_thumbnail_of_a_slide_without_pyramid_is_read_once_in_strips(tmp_path, slide, monkeypatch):
+    """Tissue detection and its overlay on a 6000x6000 single-level TIFF: one strip in memory at a time, one pass."""
+    import tracemalloc
+
+    import tiffslide
+
+    from histomim.data import slides as slides_module
+    from histomim.data.tissue import detect_tissue, save_tissue_overlay
+
+    level0 = np.tile(slide.read_region((0, 0), 0, (2000, 2000)), (3, 3, 1))  # (6000, 6000, 3) real tissue
+    path = tmp_path / "flat.tif"
+    tifffile.imwrite(
+        path, level0, photometric="rgb", tile=(256, 256), resolution=(4e4, 4e4), resolutionunit="CENTIMETER"
+    )  # 0.25 um/px
+    strip_pixels = 2**20  # a small budget, so that the 36 Mpx image is read as ~35 strips
+    monkeypatch.setattr(slides_module, "_THUMBNAIL_STRIP_PIXELS", strip_pixels)
+    reads: list[tuple[int, int]] = []
+    read_region = tiffslide.TiffSlide.read_region
+
+    def recording_read_region(self, location, level, size, *args, **kwargs):
+        reads.append(tuple(size))
+        return read_region(self, location, level, size, *args, **kwargs)
+
+    monkeypatch.setattr(tiffslide.TiffSlide, "read_region", recording_read_region)
+
+    with open_slide(path) as flat:
+        assert flat.level_count == 1 and flat.mpp == pytest.approx(0.25)
+        tracemalloc.start()
+        tissue = detect_tissue(flat)  # 4 um/px: a 375x375 thumbnail of 16x16 px boxes
+        _, peak_bytes = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        detection_reads = list(reads)
+        save_tissue_overlay(flat, tissue, tmp_path / "overlay.png")
+
+    assert max(w * h for w, h in reads) <= strip_pixels
+    assert sum(w * h for w, h in detection_reads) <= 1.02 * 6000 * 6000  # all of level 0, strips share a boundary row
+    assert reads == detection_reads  # the overlay reuses the thumbnail instead of reading level 0 again
+    # 108 MB image: a whole-level read held it 2-3 times; now ~3 MB strips plus the mask arithmetic on the thumbnail
+    assert peak_bytes < level0.nbytes / 4
+    reference = np.asarray(Image.fromarray(level0).resize((375, 375), Image.Resampling.BOX))
+    difference = np.abs(tissue.thumbnail.astype(int) - reference)
+    # equal but where a strip boundary falls on a tie of the box filter (one level row of 16 in or out)
+    assert tissue.thumbnail.shape == (375, 375, 3) and difference.max() <= 255 / 16 and (difference > 0).mean() < 0.01

@@ -33,6 +33,23 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         "--min-tissue", type=float, default=0.5,
         help="keep tiles with at least this tissue fraction, 0-1 (default: 0.5)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-pen-fraction", type=float, default=0.1,
+        help="drop tiles with more than this share of blue, green or black marker ink, 0-1 (default: 0.1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-focus", type=float, default=0.0,
+        help="drop blurred tiles: minimum variance of the Laplacian of the grey tile, 0-255 scale; the "
+        "manifest's focus column shows a slide's values (default: 0, keep all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-brightness", type=float, default=0.0,
+        help="drop tiles whose mean grey level is below this, 0-1 (default: 0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-brightness", type=float, default=1.0,
+        help="drop tiles whose mean grey level is above this, 0-1, e.g. 0.9 for washed-out tiles (default: 1)",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="parallel processes over slides (default: 1)")
     parser.add_argument(
         "--save-images", action="store_true",
@@ -63,6 +80,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         tile_size=args.tile_size,
         overlap=args.overlap,
         min_tissue=args.min_tissue,
+        max_pen_fraction=args.max_pen_fraction,
+        min_focus=args.min_focus,
+        min_brightness=args.min_brightness,
+        max_brightness=args.max_brightness,
         workers=args.workers,
         save_images=args.save_images,
         mpp_override=args.mpp_override,

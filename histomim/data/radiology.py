@@ -3,7 +3,8 @@
 A scan becomes a float tensor ``(C, H, W)`` (slice) or ``(C, D, H, W)`` (volume) in ``[0, 1]``:
 
 1. read the voxels in physical units (:func:`read_dicom` applies RescaleSlope/Intercept, so CT is in
-   Hounsfield units; :func:`read_nifti` reorients to RAS) together with the voxel spacing in mm;
+   Hounsfield units) together with the voxel spacing in mm; volumes, NIfTI or DICOM, are reoriented to
+   the same RAS axes so that one scan stored either way gives one array;
 2. window the intensities (:func:`window_intensity`, e.g. the soft-tissue CT window 40/400 HU);
 3. resample to a common spacing and/or size (:func:`resample`, torch interpolation).
 
@@ -89,50 +90,167 @@ def _dicom_window(dataset) -> tuple[float, float] | None:
     return None
 
 
-def _slice_position(dataset) -> float:
-    """Position of a slice along its normal, for sorting a series (falls back to InstanceNumber)."""
-    if "ImagePositionPatient" in dataset and "ImageOrientationPatient" in dataset:
-        orientation = np.asarray(dataset.ImageOrientationPatient, dtype=float)
-        normal = np.cross(orientation[:3], orientation[3:])
-        return float(np.dot(normal, np.asarray(dataset.ImagePositionPatient, dtype=float)))
-    return float(dataset.get("InstanceNumber", 0))
+class _Plane(NamedTuple):
+    """Where one 2-D frame of a DICOM file lies in patient space (DICOM's LPS millimetres)."""
+
+    orientation: np.ndarray  # (6,) ImageOrientationPatient: unit vectors along a row, then down a column
+    position: np.ndarray  # (3,) ImagePositionPatient: centre of the first (top-left) pixel
+    spacing: tuple[float, float]  # PixelSpacing: (between rows, between columns) in mm
 
 
-def read_dicom(path: str | os.PathLike) -> Scan:
-    """Read a DICOM file (a slice, ``(1, H, W)``) or a directory holding one series (``(1, D, H, W)``).
+def _plane(item, fallback, path: Path, what: str) -> _Plane:
+    """The plane tags of ``item`` (a dataset or a functional-group item), missing ones taken from ``fallback``."""
 
-    Slices of a series are sorted by their position along the slice normal; the depth spacing is the
-    median distance between neighbouring slices (``SliceThickness`` for a single slice).
+    def tag(sequence: str, keyword: str, default=None):
+        # enhanced multi-frame files nest each tag in a functional-group sequence; classic files hold it directly
+        for source in (item, fallback):
+            if source is None:
+                continue
+            if keyword in source:
+                return source[keyword].value
+            if sequence in source and len(source[sequence].value) and keyword in source[sequence].value[0]:
+                return source[sequence].value[0][keyword].value
+        if default is not None:
+            return default
+        raise ValueError(
+            f"DICOM file {path} has no {keyword} for {what}: cannot place it in the volume "
+            f"(a series needs ImageOrientationPatient and ImagePositionPatient on every slice)"
+        )
+
+    orientation = np.asarray(tag("PlaneOrientationSequence", "ImageOrientationPatient"), dtype=float)
+    position = np.asarray(tag("PlanePositionSequence", "ImagePositionPatient"), dtype=float)
+    row_spacing, column_spacing = (float(v) for v in tag("PixelMeasuresSequence", "PixelSpacing", (1.0, 1.0)))
+    return _Plane(orientation, position, (row_spacing, column_spacing))
+
+
+def _frame_planes(dataset, n_frames: int, path: Path) -> list[_Plane]:
+    """One `_Plane` per frame: from the per-frame functional groups of a multi-frame file, else the top-level tags."""
+    if "PerFrameFunctionalGroupsSequence" in dataset:
+        shared = dataset.get("SharedFunctionalGroupsSequence")
+        shared = shared[0] if shared else None
+        frames = dataset.PerFrameFunctionalGroupsSequence
+        if len(frames) != n_frames:
+            raise ValueError(f"DICOM file {path} has {n_frames} frames but {len(frames)} per-frame functional groups")
+        return [_plane(frame, shared, path, f"frame {i}") for i, frame in enumerate(frames)]
+    if n_frames > 1:
+        raise ValueError(
+            f"DICOM file {path} has {n_frames} frames but no per-frame positions (PerFrameFunctionalGroupsSequence): "
+            f"cannot place its frames in the volume"
+        )
+    return [_plane(dataset, None, path, "its slice")]
+
+
+def _series_datasets(folder: Path, series_uid: str | None) -> list[tuple[object, Path]]:
+    """The files of one series in ``folder``, grouped by SeriesInstanceUID; several series need ``series_uid``."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"DICOM series directory {folder} holds no files")
+    series: dict[str, list[tuple[object, Path]]] = {}
+    for file in files:
+        dataset = _read_dicom_dataset(file)
+        series.setdefault(str(dataset.get("SeriesInstanceUID", "")), []).append((dataset, file))
+    found = ", ".join(f"{uid or '(no SeriesInstanceUID)'} ({len(members)} files)" for uid, members in series.items())
+    if series_uid is not None:
+        if series_uid not in series:
+            raise ValueError(f"DICOM folder {folder} has no series {series_uid!r}; it holds {found}")
+        return series[series_uid]
+    if len(series) > 1:
+        raise ValueError(f"DICOM folder {folder} holds {len(series)} series: {found}; choose one with series_uid=...")
+    return next(iter(series.values()))
+
+
+def _dicom_affine(planes: list[_Plane], files: list[Path]) -> np.ndarray:
+    """RAS affine of a stack of parallel frames sorted along their normal; voxel index order (column, row, frame)."""
+    orientation = planes[0].orientation
+    for plane, file in zip(planes, files):
+        if not np.allclose(plane.orientation, orientation, atol=1e-4):
+            raise ValueError(
+                f"DICOM file {file} is oriented {plane.orientation.tolist()}, but {files[0]} is "
+                f"{orientation.tolist()}: slices of one volume must be parallel"
+            )
+    row_direction, column_direction = orientation[:3], orientation[3:]  # LPS unit vectors
+    row_spacing, column_spacing = planes[0].spacing
+    positions = np.stack([plane.position for plane in planes])  # (D, 3)
+    steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)  # (D-1,)
+    if len(steps) and steps.min() < 1e-3:
+        i = int(steps.argmin())
+        raise ValueError(f"DICOM files {files[i]} and {files[i + 1]} lie at the same position {positions[i].tolist()}")
+    slice_step = (
+        (positions[-1] - positions[0]) / (len(planes) - 1)
+        if len(planes) > 1
+        else np.cross(row_direction, column_direction)
+    )
+    lps = np.eye(4)
+    lps[:3, 0] = row_direction * column_spacing  # moving along a row = next column
+    lps[:3, 1] = column_direction * row_spacing  # moving down a column = next row
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = positions[0]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
+
+
+def _canonical_scan(data: np.ndarray, affine: np.ndarray) -> Scan:
+    """Reorient ``(X, Y, Z)`` or ``(X, Y, Z, C)`` voxels with a RAS ``affine`` to the closest RAS axes, as nibabel does.
+
+    Returns ``(C, D, H, W)`` with ``D, H, W`` = superior, anterior, right, and the spacing of those axes.
+    NIfTI and DICOM volumes both come through here, so the same anatomy gives the same array.
+    """
+    try:
+        from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+    except ImportError as error:
+        raise ImportError("reorienting a volume to RAS needs nibabel: pip install 'histomim[radiology]'") from error
+
+    to_ras = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
+    canonical = apply_orientation(data, to_ras)  # (R, A, S) or (R, A, S, C)
+    canonical_affine = affine @ inv_ornt_aff(to_ras, data.shape[:3])
+    volume = torch.from_numpy(np.ascontiguousarray(canonical, dtype=np.float32))
+    volume = volume.permute(2, 1, 0)[None] if volume.ndim == 3 else volume.permute(3, 2, 1, 0)  # (C, S, A, R)
+    spacing = np.linalg.norm(canonical_affine[:3, :3], axis=0)  # (3,) mm along R, A, S
+    return Scan(volume, tuple(float(s) for s in reversed(spacing)))
+
+
+def read_dicom(path: str | os.PathLike, series_uid: str | None = None) -> Scan:
+    """Read a DICOM file or a directory holding a series.
+
+    - A single-frame file is one slice ``(1, H, W)`` in its stored (display) row/column order.
+    - A series directory or a multi-frame file is a volume ``(1, D, H, W)`` reoriented like
+      :func:`read_nifti` (``D, H, W`` = superior, anterior, right): the affine is built from
+      ImageOrientationPatient, ImagePositionPatient and PixelSpacing, so a DICOM series and a NIfTI file of
+      the same scan come out as the same array. Spacing is in mm along those axes.
+
+    Args:
+        series_uid: the SeriesInstanceUID to read from a directory holding several series.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: a file is not DICOM, has no or undecodable pixel data, or the slices of a series
-            differ in size (the message names the file).
+        ValueError: a file is not DICOM or has no or undecodable pixel data; the directory holds several
+            series and none was chosen; slices differ in size or orientation, share a position or lack the
+            orientation/position tags (the message names the file).
     """
     path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise FileNotFoundError(f"DICOM series directory {path} holds no files")
-        datasets = sorted(((_read_dicom_dataset(f), f) for f in files), key=lambda pair: _slice_position(pair[0]))
-    else:
-        datasets = [(_read_dicom_dataset(path), path)]
+    datasets = _series_datasets(path, series_uid) if path.is_dir() else [(_read_dicom_dataset(path), path)]
 
-    slices = [_dicom_pixels(dataset, file) for dataset, file in datasets]
-    first, first_file = datasets[0]
-    for (_, file), pixels in zip(datasets, slices):
-        if pixels.shape != slices[0].shape:
-            raise ValueError(f"DICOM file {file} has shape {pixels.shape}, but {first_file} has {slices[0].shape}")
-    row_spacing, column_spacing = (float(v) for v in first.get("PixelSpacing", (1.0, 1.0)))
+    # 1. every frame with its plane in patient space
+    frames: list[tuple[np.ndarray, _Plane, Path]] = []  # (H, W) pixels, plane, file
+    for dataset, file in datasets:
+        pixels = _dicom_pixels(dataset, file)  # (H, W) or (frames, H, W)
+        pixels = pixels[None] if pixels.ndim == 2 else pixels
+        if len(datasets) == 1 and len(pixels) == 1:
+            row_spacing, column_spacing = (float(v) for v in dataset.get("PixelSpacing", (1.0, 1.0)))
+            return Scan(torch.from_numpy(pixels[0])[None], (row_spacing, column_spacing), _dicom_window(dataset))
+        frames += [(frame, plane, file) for frame, plane in zip(pixels, _frame_planes(dataset, len(pixels), file))]
+    first_pixels, _, first_file = frames[0]
+    for pixels, _, file in frames:
+        if pixels.shape != first_pixels.shape:
+            raise ValueError(f"DICOM file {file} has shape {pixels.shape}, but {first_file} has {first_pixels.shape}")
 
-    if len(slices) == 1 and slices[0].ndim == 2:
-        return Scan(torch.from_numpy(slices[0])[None], (row_spacing, column_spacing), _dicom_window(first))
-
-    volume = np.concatenate(slices) if slices[0].ndim == 3 else np.stack(slices)  # (D, H, W)
-    positions = [_slice_position(dataset) for dataset, _ in datasets]
-    gaps = np.abs(np.diff(positions))
-    depth_spacing = float(np.median(gaps)) if len(gaps) and np.median(gaps) > 0 else float(first.get("SliceThickness", 1.0))
-    return Scan(torch.from_numpy(volume)[None], (depth_spacing, row_spacing, column_spacing), _dicom_window(first))
+    # 2. sort along the slice normal, then reorient the (column, row, slice) voxels with their affine
+    orientation = frames[0][1].orientation
+    normal = np.cross(orientation[:3], orientation[3:])
+    frames.sort(key=lambda frame: float(np.dot(normal, frame[1].position)))
+    affine = _dicom_affine([plane for _, plane, _ in frames], [file for _, _, file in frames])
+    volume = np.stack([pixels for pixels, _, _ in frames]).transpose(2, 1, 0)  # (D, H, W) -> (columns, rows, slices)
+    scan = _canonical_scan(volume, affine)
+    return scan._replace(window=_dicom_window(datasets[0][0]))
 
 
 def read_nifti(path: str | os.PathLike) -> Scan:
@@ -151,16 +269,13 @@ def read_nifti(path: str | os.PathLike) -> Scan:
     if not path.is_file():
         raise FileNotFoundError(f"NIfTI file not found: {path}")
     try:
-        image = nib.as_closest_canonical(nib.load(path))
+        image = nib.load(path)
         data = np.asarray(image.get_fdata(dtype=np.float32))  # (X, Y, Z) or (X, Y, Z, C)
     except Exception as error:  # nibabel raises ImageFileError, EOFError, zlib errors, ... for broken files
         raise ValueError(f"{path} is not a readable NIfTI file: {error}") from error
     if data.ndim not in (3, 4):
         raise ValueError(f"NIfTI file {path} has {data.ndim} dimensions, expected a 3-D volume (or 4-D with channels)")
-    volume = torch.from_numpy(np.ascontiguousarray(data))
-    volume = volume.permute(2, 1, 0)[None] if volume.ndim == 3 else volume.permute(3, 2, 1, 0)  # (C, Z, Y, X)
-    zooms = [float(z) for z in image.header.get_zooms()[:3]]
-    return Scan(volume, tuple(reversed(zooms)))
+    return _canonical_scan(data, image.affine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +350,7 @@ def load_scan(
     window: str | tuple[float, float] | None = "auto",
     target_spacing: float | Sequence[float] | None = None,
     size: int | Sequence[int] | None = None,
+    series_uid: str | None = None,
 ) -> Tensor:
     """Load a DICOM file, DICOM series directory or NIfTI file as a model-ready ``(1, *spatial)`` tensor in ``[0, 1]``.
 
@@ -242,9 +358,10 @@ def load_scan(
         window: ``(center, width)`` in the file's units (HU for CT); a name from :data:`CT_WINDOWS`;
             ``"auto"`` for the window stored in a DICOM file, else min-max; ``None`` for min-max.
         target_spacing, size: see :func:`resample`.
+        series_uid: for a DICOM directory holding several series, the SeriesInstanceUID to read.
     """
     path = Path(path)
-    scan = read_nifti(path) if path.name.endswith(NIFTI_SUFFIXES) else read_dicom(path)
+    scan = read_nifti(path) if path.name.endswith(NIFTI_SUFFIXES) else read_dicom(path, series_uid)
 
     if isinstance(window, str) and window != "auto":
         if window not in CT_WINDOWS:

@@ -26,6 +26,9 @@ BACKENDS = ("auto", "tiffslide", "openslide", "pil")
 # Level-choice slack: a 0.5 um/px target on a 0.499 um/px scan is a 1.002x downsample; a level
 # whose downsample is within this relative margin of the request still counts as "not coarser".
 _DOWNSAMPLE_TOLERANCE = 1e-2
+# Thumbnails are read in strips of at most this many level pixels (24 MB of RGB): a single-level
+# 20000x20000 scan is never held whole (1.2 GB per copy) just to be shrunk.
+_THUMBNAIL_STRIP_PIXELS = 2**23
 
 
 class SlideError(ValueError):
@@ -129,14 +132,32 @@ class Slide:
         return tile
 
     def thumbnail(self, max_size: int) -> np.ndarray:
-        """The whole slide shrunk to fit ``max_size`` px on its longer side; (h, w, 3) uint8 RGB."""
+        """The whole slide shrunk to fit ``max_size`` px on its longer side; (h, w, 3) uint8 RGB.
+
+        The level is read in strips, each box-filtered to its rows of the thumbnail, so memory stays at
+        one strip (`_THUMBNAIL_STRIP_PIXELS`) even on slides without a pyramid.
+        """
         width, height = self.dimensions
         scale = min(1.0, max_size / max(width, height))
-        thumb_size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        # 3. read the coarsest level that is still at least as large as the thumbnail
+        thumb_w, thumb_h = max(1, round(width * scale)), max(1, round(height * scale))
+        # 1. read the coarsest level that is still at least as large as the thumbnail
         level = self.best_level_for_downsample(1 / scale)
-        level_image = Image.fromarray(self.read_region((0, 0), level, self.level_dimensions[level]))
-        return np.asarray(level_image.resize(thumb_size, Image.Resampling.BOX))
+        level_w, level_h = self.level_dimensions[level]
+        level_downsample = self.level_downsamples[level]
+        rows_per_thumb_row = level_h / thumb_h
+        thumb_rows_per_strip = max(1, math.floor(_THUMBNAIL_STRIP_PIXELS / level_w / rows_per_thumb_row))
+        # 2. per strip of thumbnail rows: read the level rows under them, box-filter them into place
+        strips = []
+        for first in range(0, thumb_h, thumb_rows_per_strip):
+            last = min(first + thumb_rows_per_strip, thumb_h)
+            top, bottom = math.floor(first * rows_per_thumb_row), min(math.ceil(last * rows_per_thumb_row), level_h)
+            # ceil: read_region floors location / downsample, which must come back to `top`
+            strip = self.read_region((0, math.ceil(top * level_downsample)), level, (level_w, bottom - top))
+            # the box keeps the fractional row boundaries of a one-piece resize, so strips join seamlessly
+            source_box = (0, first * rows_per_thumb_row - top, level_w, last * rows_per_thumb_row - top)
+            strip = Image.fromarray(strip).resize((thumb_w, last - first), Image.Resampling.BOX, box=source_box)
+            strips.append(np.asarray(strip))  # (rows, thumb_w, 3)
+        return np.concatenate(strips)
 
     # -- lifetime -------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """Tile slides at a physical resolution: a grid of level-0 boxes over tissue, saved as manifests.
 
-A tile is a row ``(slide_id, path, x, y, level, read_size, tile_size, mpp, tissue_fraction)``:
-read ``read_size`` px at pyramid ``level`` from level-0 ``(x, y)``, then resize to ``tile_size``.
+A tile is a row ``(slide_id, path, x, y, level, read_size, tile_size, mpp, tissue_fraction, pen_fraction,
+focus, brightness)``: read ``read_size`` px at pyramid ``level`` from level-0 ``(x, y)``, then resize to
+``tile_size``; the last three are the tile's quality scores (`histomim.data.quality`).
 Manifests hold no pixels; `histomim.data.tiles` reads tiles from the slides when training.
 
 `tile_slides` runs over many slides and is safe to interrupt and rerun: each slide's manifest
@@ -31,13 +32,18 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path
+from .quality import check_quality_bounds, score_tiles
 from .slides import SLIDE_EXTENSIONS, Slide, SlideError, open_slide
 from .tissue import TissueMask, detect_tissue, require_tissue, save_tissue_overlay
 
-MANIFEST_COLUMNS = ("slide_id", "path", "x", "y", "level", "read_size", "tile_size", "mpp", "tissue_fraction")
+MANIFEST_COLUMNS = (
+    "slide_id", "path", "x", "y", "level", "read_size", "tile_size", "mpp", "tissue_fraction",
+    "pen_fraction", "focus", "brightness",
+)  # fmt: skip
 _MANIFEST_DTYPES = {
     "slide_id": "string", "path": "string", "x": "int64", "y": "int64", "level": "int64",
     "read_size": "int64", "tile_size": "int64", "mpp": "float64", "tissue_fraction": "float64",
+    "pen_fraction": "float64", "focus": "float64", "brightness": "float64",
 }  # fmt: skip
 
 
@@ -80,12 +86,22 @@ def tile_manifest(
     tile_size: int = 224,
     overlap: int = 0,
     min_tissue: float = 0.5,
+    max_pen_fraction: float = 0.1,
+    min_focus: float = 0.0,
+    min_brightness: float = 0.0,
+    max_brightness: float = 1.0,
+    workers: int = 1,
+    progress: bool = False,
 ) -> pd.DataFrame:
     """The tiles of one slide with at least ``min_tissue`` tissue, as a manifest (`MANIFEST_COLUMNS`).
 
     Only whole tiles are kept: a strip narrower than a tile at the right and bottom edges is left out.
+    The tiles over tissue are then read (in ``workers`` threads) and scored (`histomim.data.quality`):
+    kept are those with at most ``max_pen_fraction`` marker ink, a focus score (variance of the
+    Laplacian) of at least ``min_focus`` and a mean brightness in ``[min_brightness, max_brightness]``.
     """
-    TilingConfig(mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue)  # validates
+    TilingConfig(mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue, max_pen_fraction=max_pen_fraction,
+                 min_focus=min_focus, min_brightness=min_brightness, max_brightness=max_brightness)  # validates
     geometry = tile_geometry(slide, mpp, tile_size, overlap)
     width, height = slide.dimensions
 
@@ -111,7 +127,14 @@ def tile_manifest(
             "tissue_fraction": fractions[keep],
         }
     )
-    return manifest.astype(_MANIFEST_DTYPES)
+    # 3. read the tiles over tissue; drop ink, blur and tiles too dark or too bright
+    manifest = score_tiles(slide, manifest, workers, progress)
+    good = (
+        (manifest["pen_fraction"] <= max_pen_fraction)
+        & (manifest["focus"] >= min_focus)
+        & manifest["brightness"].between(min_brightness, max_brightness)
+    )
+    return manifest[good].reset_index(drop=True).astype(_MANIFEST_DTYPES)
 
 
 def find_slides(inputs: Iterable[str | Path], extensions: Iterable[str] = SLIDE_EXTENSIONS) -> list[Path]:
@@ -161,6 +184,10 @@ class TilingConfig:
     tile_size: int = 224
     overlap: int = 0
     min_tissue: float = 0.5
+    max_pen_fraction: float = 0.1
+    min_focus: float = 0.0
+    min_brightness: float = 0.0
+    max_brightness: float = 1.0
 
     def __post_init__(self):
         if not _is_positive_number(self.mpp):
@@ -171,6 +198,7 @@ class TilingConfig:
             raise ValueError(f"overlap (--overlap) must be an integer in [0, tile_size={self.tile_size}), got {self.overlap!r}")
         if not isinstance(self.min_tissue, numbers.Real) or not 0 <= self.min_tissue <= 1:  # NaN fails too
             raise ValueError(f"min_tissue (--min-tissue) must be in [0, 1], got {self.min_tissue!r}")
+        check_quality_bounds(self.max_pen_fraction, self.min_focus, self.min_brightness, self.max_brightness)
 
 
 def slide_identity(path: str | Path) -> dict:
@@ -344,6 +372,10 @@ def tile_slides(
     tile_size: int = 224,
     overlap: int = 0,
     min_tissue: float = 0.5,
+    max_pen_fraction: float = 0.1,
+    min_focus: float = 0.0,
+    min_brightness: float = 0.0,
+    max_brightness: float = 1.0,
     workers: int = 1,
     save_images: bool = False,
     mpp_override: float | None = None,
@@ -367,6 +399,7 @@ def tile_slides(
         paths: slide files (see `find_slides` to expand folders).
         mpp: target um/px of the tiles; tile_size: output px; overlap: px shared by neighbours.
         min_tissue: keep tiles whose tissue fraction is at least this.
+        max_pen_fraction, min_focus, min_brightness, max_brightness: tile quality bounds (see `tile_manifest`).
         workers: processes over slides (or threads over tiles when there is a single slide).
         mpp_override: um/px to use for every slide, e.g. for PNGs without resolution metadata.
         backend: slide reader (see `open_slide`).
@@ -379,7 +412,10 @@ def tile_slides(
             settings, or a slide id there was tiled from another file or ``mpp_override``.
     """
     folder = TileFolder(out_dir)
-    config = TilingConfig(mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue)  # validates
+    config = TilingConfig(
+        mpp=mpp, tile_size=tile_size, overlap=overlap, min_tissue=min_tissue, max_pen_fraction=max_pen_fraction,
+        min_focus=min_focus, min_brightness=min_brightness, max_brightness=max_brightness,
+    )  # validates
     if mpp_override is not None and not _is_positive_number(mpp_override):
         raise ValueError(f"mpp_override (--mpp-override) must be a positive number of um/px, got {mpp_override!r}")
     if not _is_integer(workers) or workers < 1:
@@ -421,7 +457,7 @@ def tile_slides(
 
     tile_workers = workers if len(todo) == 1 else 1
     job = dict(folder=folder, config=config, save_images=save_images, mpp_override=mpp_override,
-               backend=backend, tile_workers=tile_workers)  # fmt: skip
+               backend=backend, tile_workers=tile_workers, progress=len(todo) == 1)  # fmt: skip
     # slides are independent and CPU-bound: each in its own process when several run at once (a crash
     # then takes only its slide), in this process when there is nothing to parallelise
     own_process = workers > 1 and len(todo) > 1
@@ -529,6 +565,7 @@ def _tile_one_slide(
     mpp_override: float | None,
     backend: str,
     tile_workers: int,
+    progress: bool,
 ) -> int:
     """Tile one slide and write its outputs; returns the number of tiles. Runs in a worker."""
     record = {"slide": slide_identity(path), "mpp_override": mpp_override}  # before reading: a file changed
@@ -539,12 +576,19 @@ def _tile_one_slide(
         if tissue.is_empty:
             save_tissue_overlay(slide, tissue, overlay_path)  # so a person can see why
         require_tissue(slide, tissue)
-        manifest = tile_manifest(slide, tissue, config.mpp, config.tile_size, config.overlap, config.min_tissue)
+        manifest = tile_manifest(
+            slide, tissue, config.mpp, config.tile_size, config.overlap, config.min_tissue,
+            max_pen_fraction=config.max_pen_fraction, min_focus=config.min_focus,
+            min_brightness=config.min_brightness, max_brightness=config.max_brightness,
+            workers=tile_workers, progress=progress,
+        )  # fmt: skip
         save_tissue_overlay(slide, tissue, overlay_path, tiles=manifest)
         if manifest.empty:
             raise SlideError(
                 f"{path}: tissue covers {tissue.fraction:.1%} of the slide but no {config.tile_size}px tile at "
-                f"{config.mpp} um/px has >= {config.min_tissue:.0%} tissue; lower min_tissue (--min-tissue)"
+                f"{config.mpp} um/px has >= {config.min_tissue:.0%} tissue, <= {config.max_pen_fraction:.0%} pen ink, "
+                f"focus >= {config.min_focus} and brightness in [{config.min_brightness}, {config.max_brightness}]; "
+                f"lower min_tissue (--min-tissue) or loosen those bounds (--max-pen-fraction, --min-focus, ...)"
             )
     if save_images:
         _save_tile_images(manifest, folder.slide_tiles_dir(path.stem), backend, tile_workers)

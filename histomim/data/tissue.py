@@ -2,7 +2,8 @@
 
 Stained tissue is coloured while glass, background and black scanner borders are grey, so an
 Otsu threshold on HSV saturation separates them; morphology then closes gaps between cells,
-fills small holes and drops specks of dust.
+fills small holes and drops specks of dust. Marker ink is saturated too: its pixels
+(`histomim.data.quality.pen_mask_from_rgb`) are taken out of the mask.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .quality import pen_mask_from_rgb
 from .slides import Slide, SlideError
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ class TissueMask:
     downsample: float  # level-0 pixels per mask pixel
     mpp: float | None  # level-0 um/px of the slide, if known
     threshold: float  # saturation threshold that was used
+    thumbnail: np.ndarray | None = None  # (h, w, 3) uint8 the mask was found on; the overlay reuses it
 
     @property
     def fraction(self) -> float:
@@ -74,7 +77,7 @@ def tissue_mask_from_rgb(
     min_object_px: int = 64,
     min_hole_px: int = 64,
 ) -> tuple[np.ndarray, float]:
-    """Tissue mask of an RGB image; returns ``(mask (h, w) bool, saturation threshold)``.
+    """Tissue mask of an RGB image, without marker ink; returns ``(mask (h, w) bool, saturation threshold)``.
 
     Args:
         rgb: (h, w, 3) uint8.
@@ -94,6 +97,7 @@ def tissue_mask_from_rgb(
     if closing_radius > 0:
         mask = closing(mask, disk(closing_radius)).astype(bool)
     mask = ~_drop_small_components(~mask, min_hole_px)
+    mask &= ~pen_mask_from_rgb(rgb)  # after the closing, which would bridge thin strokes again
     mask = _drop_small_components(mask, min_object_px)
     return mask, threshold
 
@@ -125,7 +129,7 @@ def detect_tissue(slide: Slide, mask_mpp: float = 4.0, max_size: int = 4096, **m
     mask, threshold = tissue_mask_from_rgb(thumbnail, **mask_kwargs)
     # the thumbnail is rounded to whole pixels; the mean per-axis scale is exact to < 1 mask px
     actual_downsample = (width / mask.shape[1] + height / mask.shape[0]) / 2
-    return TissueMask(mask=mask, downsample=actual_downsample, mpp=slide.mpp, threshold=threshold)
+    return TissueMask(mask=mask, downsample=actual_downsample, mpp=slide.mpp, threshold=threshold, thumbnail=thumbnail)
 
 
 def require_tissue(slide: Slide, tissue: TissueMask) -> TissueMask:
@@ -152,7 +156,8 @@ def save_tissue_overlay(
 
     png_path = Path(png_path)
     height, width = tissue.mask.shape
-    thumbnail = slide.thumbnail(max(width, height))  # (h, w, 3), same grid as the mask
+    # the thumbnail the mask came from, not a second pass over the slide (all of level 0 without a pyramid)
+    thumbnail = tissue.thumbnail if tissue.thumbnail is not None else slide.thumbnail(max(width, height))  # (h, w, 3)
 
     figure = new_figure(figsize=(8, 8 * height / width + 0.6))  # no pyplot: safe in worker threads and processes
     axes = figure.add_subplot()
