@@ -55,7 +55,7 @@ def tiny_config_dir(tmp_path_factory) -> Path:
 
 
 def small_run(tiny_config_dir: Path, output_dir: Path, **overrides) -> PretrainArguments:
-    """The demo on the sample slide, shrunk: 64 px tiles at 1 um/px (146 tiles, 4 batches per epoch), 8 steps."""
+    """The demo on the sample slide, shrunk: 64 px tiles at 1 um/px (145 tiles, 4 batches per epoch), 8 steps."""
     settings = dict(
         config=str(tiny_config_dir), output_dir=str(output_dir), image_size=64, mpp=1.0, batch_size=32,
         max_steps=8, base_lr=0.02, warmup_steps=1, checkpointing_steps=3, reconstruction_steps=0,
@@ -234,7 +234,7 @@ def uninterrupted(tiny_config_dir, tmp_path_factory):
 
 def test_resume_after_kill_during_checkpoint_matches_uninterrupted_run(uninterrupted, tiny_config_dir, tmp_path):
     reference_args, reference = uninterrupted
-    assert reference.summary["epochs"] == 2.0  # 146 tiles, 4 batches of 32 per epoch: resume lands in epoch 1
+    assert reference.summary["epochs"] == 2.0  # 145 tiles, 4 batches of 32 per epoch: resume lands in epoch 1
     output_dir = tmp_path / "killed"
     argv = ["--demo", "--config", str(tiny_config_dir), "--output-dir", str(output_dir), "--image-size", "64", "--mpp", "1.0",
             "--batch-size", "32", "--max-steps", "8", "--base-lr", "0.02", "--warmup-steps", "1",
@@ -321,7 +321,7 @@ def test_tiles_from_an_earlier_tiling_are_used_as_they_are(uninterrupted, tiny_c
     tile_dir = Path(reference_args.output_dir) / "tiles" / "1mpp-64px"
     result = pretrain(small_run(tiny_config_dir, tmp_path / "run", data=[str(tile_dir)], mpp=0.5, max_steps=2))
     data = result.summary["data"]
-    assert (data["source"], data["num_tiles"], data["slides"]) == (str(tile_dir), 146, ["CMU-1-Small-Region"])
+    assert (data["source"], data["num_tiles"], data["slides"]) == (str(tile_dir), 145, ["CMU-1-Small-Region"])
     assert data["mpp"] == 1.0 and result.model.config.target_mpp == 1.0  # what the tiles are, not --mpp
     assert not (tmp_path / "run" / "tiles").exists()
 
