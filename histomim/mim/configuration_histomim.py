@@ -9,6 +9,7 @@ from .masking import masked_fraction
 OBJECTIVES = ("mae", "simmim")
 POOLINGS = ("cls", "mean", "cls+mean")
 POSITION_EMBEDDINGS = ("sincos", "learned")
+MLP_TYPES = ("mlp", "swiglu")
 
 # ImageNet statistics: the usual choice when starting from natural-image weights.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,7 +32,9 @@ class HistoMIMConfig(PretrainedConfig):
     `num_attention_heads`, `intermediate_size` (defaults to `mlp_ratio * hidden_size`), `qkv_bias`,
     `hidden_act`, `layer_norm_eps`, `drop_path_rate`, `layerscale_init` (None disables LayerScale),
     `num_register_tokens`, `position_embedding` (`"sincos"` fixed 2-D or `"learned"`), `pooling`
-    (`"cls"`, `"mean"` over patch tokens, or `"cls+mean"` concatenated).
+    (`"cls"`, `"mean"` over patch tokens, or `"cls+mean"` concatenated), `mlp_type` (`"mlp"`: fc1 -> act ->
+    fc2; `"swiglu"`: act(gate) * value with one packed `fc1` of width 2 x `intermediate_size`, the gate
+    first, as in DINOv2's SwiGLU and timm's `SwiGLUPacked`; use it with `hidden_act="silu"`).
 
     Objective: `objective` (`"mae"` or `"simmim"`), `mask_ratio` in (0, 1), `mask_patch_size` (the
     masking granularity, a multiple of `patch_size`; unset, it follows the objective: whole ViT patches
@@ -78,6 +81,7 @@ class HistoMIMConfig(PretrainedConfig):
         magnification: float | None = 20.0,
         normalization_mean: float | list[float] | tuple[float, ...] = IMAGENET_MEAN,
         normalization_std: float | list[float] | tuple[float, ...] = IMAGENET_STD,
+        mlp_type: str = "mlp",
         **kwargs,
     ):
         # Former names: transformers treats every `*_std` config field as an initialisation scale.
@@ -112,6 +116,7 @@ class HistoMIMConfig(PretrainedConfig):
         self.magnification = magnification
         self.normalization_mean = per_channel(normalization_mean, num_channels)
         self.normalization_std = per_channel(normalization_std, num_channels)
+        self.mlp_type = mlp_type
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self._validate()
@@ -124,6 +129,8 @@ class HistoMIMConfig(PretrainedConfig):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
         if not 0.0 < float(self.mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must lie in the open interval (0, 1), got {self.mask_ratio}")
         if self.image_size % self.patch_size != 0:

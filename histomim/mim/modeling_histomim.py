@@ -239,6 +239,21 @@ class HistoMIMMLP(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
+class HistoMIMSwiGLU(nn.Module):
+    """Gated MLP: fc2(act(gate) * value), gate and value from one packed fc1 (gate first), as DINOv2's
+    `SwiGLUFFN` (`w12`, `w3`) and timm's `SwiGLUPacked`."""
+
+    def __init__(self, config: HistoMIMConfig, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(hidden_states).chunk(2, dim=-1)  # 2 x (B, N, hidden_dim)
+        return self.fc2(self.act(gate) * value)
+
+
 class LayerScale(nn.Module):
     """Per-channel residual scaling (CaiT); the identity when `layerscale_init` is None."""
 
@@ -274,7 +289,7 @@ class HistoMIMBlock(GradientCheckpointingLayer):
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attn = HistoMIMAttention(config, dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mlp = HistoMIMMLP(config, dim, mlp_dim)
+        self.mlp = (HistoMIMSwiGLU if config.mlp_type == "swiglu" else HistoMIMMLP)(config, dim, mlp_dim)
         use_layerscale = config.layerscale_init is not None
         self.ls1 = LayerScale(dim, config.layerscale_init) if use_layerscale else nn.Identity()
         self.ls2 = LayerScale(dim, config.layerscale_init) if use_layerscale else nn.Identity()
