@@ -122,10 +122,21 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "license_name": args["license_name"],
         "license_link": args["license_link"],
         "datasets": card_datasets(args),
+        **card_base_model(args),
         "gated_prompt": args["gated_prompt"],
         "gated_fields": args["gated_fields"],
         "has_reconstruction": True,
     }
+
+
+def card_base_model(args: dict[str, Any]) -> dict[str, Any]:
+    """``--init-from`` for the card: a Hub id is the ``base_model`` metadata; a local source is named by its
+    file or folder name only (no local paths on a published card)."""
+    source = args.get("init_from")
+    if not source:
+        return {"base_model": None, "init_from": None}
+    hub = is_hub_id(source)
+    return {"base_model": source if hub else None, "init_from": source if hub else Path(source).name}
 
 
 def card_datasets(args: dict[str, Any]) -> list[str]:

@@ -53,6 +53,7 @@ from .common import (
     warmup_cosine_schedule,
 )
 from .float8 import convert_to_float8
+from .init_from import initial_encoder_settings, load_initial_encoder
 
 VISUALIZATION_KEY = 0x5EED  # keys the fixed mask noise of the reconstruction grids
 NUM_VISUALIZED = 6
@@ -116,6 +117,8 @@ def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoM
         raise ValueError(
             f"--config {args.config!r} is a {settings.get('model_type')!r} config, not {HistoMIMConfig.model_type!r}"
         )
+    if args.init_from:  # the encoder's architecture is the source's
+        settings.update(initial_encoder_settings(args.init_from, settings))
     if args.objective is not None and args.objective != settings.get("objective"):
         settings["objective"] = args.objective
     if args.mask_ratio is not None:
@@ -239,6 +242,8 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
     # 2. model, optimizer (lr scaled by the global batch, as MAE) and warmup + cosine schedule
     set_seed(args.seed)  # the same initialisation on every process
     model = HistoMIMForPreTraining(config)
+    if args.init_from:
+        accelerator.print(load_initial_encoder(model.histomim, args.init_from))
     if args.float8:
         accelerator.print(f"float8: {convert_to_float8(model)} linears run their matmuls in float8")
     schedule = Schedule.for_run(args, len(dataloader), accelerator.num_processes)
