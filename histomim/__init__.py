@@ -8,6 +8,9 @@ Heavy optional packages (datasets, scikit-survival, slide readers) are imported 
 from .multimodal import HistoFusionConfig, HistoFusionForSurvival
 from .mim import (
     HistoMIMConfig,
+    HistoMIMConvNextConfig,
+    HistoMIMConvNextForPreTraining,
+    HistoMIMConvNextModel,
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
     HistoMIMModel,
@@ -32,6 +35,10 @@ def _register_auto_classes() -> None:
     AutoModelForPreTraining.register(HistoMIMConfig, HistoMIMForPreTraining, exist_ok=True)
     AutoModelForImageClassification.register(HistoMIMConfig, HistoMIMForImageClassification, exist_ok=True)
     AutoImageProcessor.register(HistoMIMConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
+    AutoConfig.register("histomim_convnext", HistoMIMConvNextConfig, exist_ok=True)
+    AutoModel.register(HistoMIMConvNextConfig, HistoMIMConvNextModel, exist_ok=True)
+    AutoModelForPreTraining.register(HistoMIMConvNextConfig, HistoMIMConvNextForPreTraining, exist_ok=True)
+    AutoImageProcessor.register(HistoMIMConvNextConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
     AutoConfig.register("histofusion", HistoFusionConfig, exist_ok=True)
     AutoModel.register(HistoFusionConfig, HistoFusionForSurvival, exist_ok=True)
 
@@ -40,6 +47,9 @@ def _register_auto_classes() -> None:
     HistoMIMModel.register_for_auto_class("AutoModel")
     HistoMIMForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     HistoMIMForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    HistoMIMConvNextConfig.register_for_auto_class("AutoConfig")
+    HistoMIMConvNextModel.register_for_auto_class("AutoModel")
+    HistoMIMConvNextForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     HistoFusionConfig.register_for_auto_class("AutoConfig")
     HistoFusionForSurvival.register_for_auto_class("AutoModel")
 
@@ -52,6 +62,9 @@ __all__ = [
     "HistoMIMForPreTraining",
     "HistoMIMForImageClassification",
     "image_processor_for",
+    "HistoMIMConvNextConfig",
+    "HistoMIMConvNextModel",
+    "HistoMIMConvNextForPreTraining",
     "HistoFusionConfig",
     "HistoFusionForSurvival",
 ]

@@ -19,6 +19,7 @@ from .training.common import hardware_summary, jsonable, loss_summary
 CARD_CONFIG_KEYS = (
     "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "pooling", "pooled_size",
     "objective", "mask_ratio", "norm_pix_loss", "decoder_hidden_size", "decoder_num_hidden_layers", "target_mpp",
+    "model_type", "depths", "hidden_sizes",
 )  # fmt: skip
 
 
@@ -44,7 +45,7 @@ def run_summary(
         "repo_id": args.hub_model_id or Path(args.output_dir).name,
         "preset": Path(args.config).name,  # a preset name, or the config folder's name
         "demo": args.demo,
-        "config": {name: getattr(model.config, name) for name in CARD_CONFIG_KEYS},
+        "config": {name: getattr(model.config, name, None) for name in CARD_CONFIG_KEYS},  # None: not this family's
         "encoder_parameters": encoder_parameters,
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "data": {
@@ -86,7 +87,9 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "repo_id": summary["repo_id"] if "/" in summary["repo_id"] else f"<user>/{summary['repo_id']}",
         "preset": summary["preset"],
         **config,
-        "objective_name": {"mae": "masked autoencoding (MAE)", "simmim": "SimMIM"}[config["objective"]],
+        "objective_name": {"mae": "masked autoencoding (MAE)", "simmim": "SimMIM",
+                           "fcmae": "masked convolutional autoencoding (FCMAE)"}[config["objective"]],  # fmt: skip
+        **card_architecture(config),
         "mpp_text": f"{mpp:g} um/px (about {10 / mpp:g}x)" if mpp else "unknown resolution",
         "encoder_parameters": f"{summary['encoder_parameters'] / 1e6:.1f}M",
         "total_parameters": f"{summary['total_parameters'] / 1e6:.1f}M",
@@ -127,6 +130,17 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "gated_fields": args["gated_fields"],
         "has_reconstruction": True,
     }
+
+
+def card_architecture(config: dict[str, Any]) -> dict[str, str]:
+    """How the card names the encoder: its kind and its shape."""
+    if config.get("model_type") == "histomim_convnext":
+        return {"architecture_name": "ConvNeXt", "encoder_text": (
+            f"ConvNeXt, {len(config['depths'])} stages of {', '.join(map(str, config['depths']))} blocks, widths "
+            f"{', '.join(map(str, config['hidden_sizes']))}, stride {config['patch_size']} px (the masked patch)")}  # fmt: skip
+    return {"architecture_name": "Vision Transformer", "encoder_text": (
+        f"ViT, {config['num_hidden_layers']} blocks, width {config['hidden_size']}, {config['num_attention_heads']} "
+        f"heads, patch {config['patch_size']} px")}  # fmt: skip
 
 
 def card_base_model(args: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ class PretrainArguments:
     config: str = HfArg(
         default=DEFAULT_PRESET,
         help="Model config: a preset in hub_configs/ (histomim-vit-tiny16, histomim-vits16, histomim-vitb16, "
-        "histomim-vitl16, histomim-vitb16-simmim), a config folder or a Hub id (default: histomim-vit-tiny16).",
+        "histomim-vitl16, histomim-vitb16-simmim, histomim-convnext-atto), a config folder or a Hub id (default: histomim-vit-tiny16).",
     )
     data: list[str] = HfArg(
         default_factory=list,
