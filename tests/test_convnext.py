@@ -174,3 +174,16 @@ def test_convnext_features_for_extraction_and_evaluation(trained, sample_slide_p
     report = evaluate_encoder(str(output_dir), nuclei, EvaluationSettings(pooling="mean", protocols=("knn",)))
     assert report["architecture"] == "HistoMIMConvNextModel"
     assert set(report["results"]) == {"model", "random_init"} and "knn" in report["results"]["model"]
+
+
+def test_export_to_transformers_convnext_gives_identical_unmasked_outputs(tissue_tiles):
+    from histomim.export import to_convnext
+
+    torch.manual_seed(0)
+    encoder = HistoMIMConvNextModel(tiny_convnext(layerscale_init=0.5)).eval()
+    reference = to_convnext(encoder)
+    assert type(reference).__name__ == "ConvNextModel"
+    with torch.no_grad():
+        ours, theirs = encoder(tissue_tiles[:2], output_hidden_states=True), reference(tissue_tiles[:2], output_hidden_states=True)
+    assert torch.equal(ours.pooler_output, theirs.pooler_output)
+    assert all(torch.equal(a, b) for a, b in zip(ours.hidden_states, theirs.hidden_states))

@@ -29,8 +29,10 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="histomim-vitb16",
                         help="preset folder name under hub_configs/, or a path to a config folder (default: %(default)s)")
-    parser.add_argument("--objectives", nargs="+", default=["mae", "simmim"], choices=["mae", "simmim"],
-                        help="objectives to benchmark, each against its transformers reference (default: both)")
+    parser.add_argument("--objectives", nargs="+", default=["mae", "simmim"], choices=["mae", "simmim", "fcmae"],
+                        help="objectives to benchmark, each against its transformers reference; fcmae: the "
+                        "histomim-convnext-atto CNN at the same image size against transformers' ConvNextModel "
+                        "masking only its input (default: mae simmim)")
     parser.add_argument("--device", default="cuda", help="torch device, e.g. cuda or cpu (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per training step (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="override the preset's image size (e.g. 64 for CPU)")
