@@ -8,6 +8,9 @@ Heavy optional packages (datasets, scikit-survival, slide readers) are imported 
 from .multimodal import HistoFusionConfig, HistoFusionForSurvival
 from .mim import (
     HistoMIMConfig,
+    HistoMIMConvNextConfig,
+    HistoMIMConvNextForPreTraining,
+    HistoMIMConvNextModel,
     HistoMIMForImageClassification,
     HistoMIMForPreTraining,
     HistoMIMForSemanticSegmentation,
@@ -40,6 +43,10 @@ def _register_auto_classes() -> None:
     AutoConfig.register("histomim_tokenizer", HistoMIMTokenizerConfig, exist_ok=True)
     AutoModel.register(HistoMIMTokenizerConfig, HistoMIMTokenizer, exist_ok=True)
     AutoImageProcessor.register(HistoMIMTokenizerConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
+    AutoConfig.register("histomim_convnext", HistoMIMConvNextConfig, exist_ok=True)
+    AutoModel.register(HistoMIMConvNextConfig, HistoMIMConvNextModel, exist_ok=True)
+    AutoModelForPreTraining.register(HistoMIMConvNextConfig, HistoMIMConvNextForPreTraining, exist_ok=True)
+    AutoImageProcessor.register(HistoMIMConvNextConfig, image_processor_classes=image_processor_classes(), exist_ok=True)
     AutoConfig.register("histofusion", HistoFusionConfig, exist_ok=True)
     AutoModel.register(HistoFusionConfig, HistoFusionForSurvival, exist_ok=True)
 
@@ -51,6 +58,9 @@ def _register_auto_classes() -> None:
     HistoMIMTokenizerConfig.register_for_auto_class("AutoConfig")
     HistoMIMTokenizer.register_for_auto_class("AutoModel")
     HistoMIMForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+    HistoMIMConvNextConfig.register_for_auto_class("AutoConfig")
+    HistoMIMConvNextModel.register_for_auto_class("AutoModel")
+    HistoMIMConvNextForPreTraining.register_for_auto_class("AutoModelForPreTraining")
     HistoFusionConfig.register_for_auto_class("AutoConfig")
     HistoFusionForSurvival.register_for_auto_class("AutoModel")
 
@@ -66,6 +76,9 @@ __all__ = [
     "image_processor_for",
     "HistoMIMTokenizerConfig",
     "HistoMIMTokenizer",
+    "HistoMIMConvNextConfig",
+    "HistoMIMConvNextModel",
+    "HistoMIMConvNextForPreTraining",
     "HistoFusionConfig",
     "HistoFusionForSurvival",
 ]

@@ -236,7 +236,50 @@ def from_beit(model, **config_overrides) -> HistoMIMForPreTraining:
     return ours
 
 
+# histomim ConvNeXt parameter names -> transformers ConvNextModel's (regex, replacement), applied in order
+CONVNEXT_RENAMES = (
+    (r"^stem\.0\.", "embeddings.patch_embeddings."), (r"^stem\.1\.", "embeddings.layernorm."),
+    (r"^stages\.(\d+)\.downsample\.", r"encoder.stages.\1.downsampling_layer."),
+    (r"^stages\.(\d+)\.blocks\.(\d+)\.", r"encoder.stages.\1.layers.\2."),
+    (r"\.gamma$", ".layer_scale_parameter"), (r"\.norm\.", ".layernorm."), (r"\.fc1\.", ".pwconv1."),
+    (r"\.fc2\.", ".pwconv2."), (r"^norm\.", "layernorm."),
+)  # fmt: skip
+
+
+def histomim_convnext_to_hf(state: dict) -> dict:
+    """A bare histomim ConvNeXt encoder's state dict in transformers' `ConvNextModel` names."""
+    import re
+
+    renamed = {}
+    for name, value in state.items():
+        for pattern, replacement in CONVNEXT_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        renamed[name] = value
+    return renamed
+
+
+def to_convnext(model) -> "transformers.ConvNextModel":  # noqa: F821
+    """Export a histomim ConvNeXt encoder (or a model containing one) as a plain `transformers.ConvNextModel`
+    with the same weights: without a mask both compute the same feature maps and pooled output."""
+    from transformers import ConvNextConfig, ConvNextModel
+
+    from .mim.modeling_histomim_convnext import HistoMIMConvNextModel
+
+    encoder = model if isinstance(model, HistoMIMConvNextModel) else model.histomim
+    config = encoder.config
+    reference = ConvNextModel(ConvNextConfig(
+        num_channels=config.num_channels, patch_size=config.stem_size, num_stages=len(config.depths),
+        hidden_sizes=config.hidden_sizes, depths=config.depths, hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps, image_size=config.image_size, drop_path_rate=config.drop_path_rate,
+        layer_scale_init_value=config.layerscale_init or 0.0,
+    ))  # fmt: skip
+    missing, unexpected = reference.load_state_dict(histomim_convnext_to_hf(encoder.state_dict()), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"to_convnext: weight mapping incomplete (missing {missing}, unexpected {unexpected})")
+    return reference.eval()
+
+
 __all__ = [
-    "to_vit", "from_vit_mae", "from_vit_simmim", "from_beit", "vit_encoder_settings",
+    "to_vit", "to_convnext", "histomim_convnext_to_hf", "from_vit_mae", "from_vit_simmim", "from_beit", "vit_encoder_settings",
     "hf_encoder_to_histomim", "histomim_encoder_to_hf", "hf_blocks_to_histomim", "histomim_blocks_to_hf",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.sources import TileData
+from .mim.configuration_histomim import PIXEL_OBJECTIVES
 from .mim.modeling_histomim import TRAINING_ONLY_PREFIXES
 from .training.common import hardware_summary, jsonable, loss_summary
 
@@ -20,6 +21,7 @@ from .training.common import hardware_summary, jsonable, loss_summary
 CARD_CONFIG_KEYS = (
     "image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "pooling", "pooled_size",
     "objective", "mask_ratio", "norm_pix_loss", "decoder_hidden_size", "decoder_num_hidden_layers", "target_mpp",
+    "model_type", "depths", "hidden_sizes",
 )  # fmt: skip
 # A visual tokenizer's own settings, recorded beside its encoder's.
 TOKENIZER_CONFIG_KEYS = ("codebook_size", "codebook_dim", "target", "teacher_name_or_path", "decoder_num_hidden_layers")
@@ -30,6 +32,7 @@ OBJECTIVE_NAMES = {
     "beit": "BEiT (masked prediction of visual tokens)",
     "latent": "latent-feature regression to an EMA teacher (data2vec)",
     "tokenizer": "a visual tokenizer",
+    "fcmae": "masked convolutional autoencoding (FCMAE)",
 }
 
 
@@ -37,7 +40,7 @@ def summary_config(config) -> dict[str, Any]:
     """The config values of the summary: the encoder's `CARD_CONFIG_KEYS`, plus a tokenizer's own settings (its
     `objective` is "tokenizer"), BEiT's tokenizer or the latent objective's teacher settings."""
     encoder = getattr(config, "encoder_config", config)
-    values = {name: getattr(encoder, name) for name in CARD_CONFIG_KEYS}
+    values = {name: getattr(encoder, name, None) for name in CARD_CONFIG_KEYS}  # None: not this family's
     values["objective"] = config.objective
     if config.objective == "tokenizer":
         values |= {f"tokenizer_{name}": getattr(config, name) for name in TOKENIZER_CONFIG_KEYS}
@@ -129,6 +132,7 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "preset": summary["preset"],
         **config,
         "objective_name": objective_name(config),
+        **card_architecture(config),
         "mpp_text": f"{mpp:g} um/px (about {10 / mpp:g}x)" if mpp else "unknown resolution",
         "encoder_parameters": f"{summary['encoder_parameters'] / 1e6:.1f}M",
         "total_parameters": f"{summary['total_parameters'] / 1e6:.1f}M",
@@ -171,11 +175,33 @@ def card_info(summary: dict[str, Any]) -> dict[str, Any]:
         "license_name": args["license_name"],
         "license_link": args["license_link"],
         "datasets": card_datasets(args),
+        **card_base_model(args),
         "gated_prompt": args["gated_prompt"],
         "gated_fields": args["gated_fields"],
-        "has_reconstruction": config["objective"] in ("mae", "simmim"),
+        "has_reconstruction": config["objective"] in PIXEL_OBJECTIVES,
         "codebook": summary.get("codebook"),
     }
+
+
+def card_architecture(config: dict[str, Any]) -> dict[str, str]:
+    """How the card names the encoder: its kind and its shape."""
+    if config.get("model_type") == "histomim_convnext":
+        return {"architecture_name": "ConvNeXt", "encoder_text": (
+            f"ConvNeXt, {len(config['depths'])} stages of {', '.join(map(str, config['depths']))} blocks, widths "
+            f"{', '.join(map(str, config['hidden_sizes']))}, stride {config['patch_size']} px (the masked patch)")}  # fmt: skip
+    return {"architecture_name": "Vision Transformer", "encoder_text": (
+        f"ViT, {config['num_hidden_layers']} blocks, width {config['hidden_size']}, {config['num_attention_heads']} "
+        f"heads, patch {config['patch_size']} px")}  # fmt: skip
+
+
+def card_base_model(args: dict[str, Any]) -> dict[str, Any]:
+    """``--init-from`` for the card: a Hub id is the ``base_model`` metadata; a local source is named by its
+    file or folder name only (no local paths on a published card)."""
+    source = args.get("init_from")
+    if not source:
+        return {"base_model": None, "init_from": None}
+    hub = is_hub_id(source)
+    return {"base_model": source if hub else None, "init_from": source if hub else Path(source).name}
 
 
 def card_datasets(args: dict[str, Any]) -> list[str]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -32,6 +36,22 @@ def save_tiny_encoder(folder, seed: int):
     model.save_pretrained(folder)
     image_processor_for(model.config).save_pretrained(folder)
     return folder
+
+
+def make_hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
+    """Lay `folder` out as the Hub's own cache does: blobs, a snapshot of symlinks, refs/main."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for index, file in enumerate(sorted(folder.iterdir())):
+        if file.is_file():
+            blob = repo / "blobs" / f"blob{index:04d}"
+            shutil.copy(file, blob)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
 
 
 @pytest.fixture(scope="session")

@@ -159,3 +159,29 @@ def test_extraction_mode_times_histomim_and_vit_on_the_same_real_tiles(tmp_path,
     assert figures["max_abs_difference"] < 1e-4  # the same weights give the same features
     assert "CMU-1-Small-Region.svs" in figures["tiles"] and figures["num_tiles"] == 16
     assert "transformers ViTModel" in capsys.readouterr().out
+
+
+def test_cnn_rows_compare_fcmae_with_transformers_convnext():
+    """The fcmae rows: histomim's ConvNeXt (the atto preset) beside transformers' ConvNextModel with the same
+    weights masking only its input; the FLOP model agrees with torch's FLOP counter on the forward pass."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from histomim import HistoMIMConvNextForPreTraining
+    from histomim.training.benchmark import objective_config, run_benchmark
+
+    config = HistoMIMConfig.from_pretrained(REPO_ROOT / "hub_configs" / "histomim-vit-tiny16", image_size=64)
+    report = run_benchmark(config, objectives=("fcmae",), device="cpu", batch_size=2, steps=1, warmup=0, dtype="fp32",
+                           peak_matmul_size=64, progress=False)
+    rows = {r.variant: r for r in report.results}
+    assert set(rows) == {"transformers", "histomim"} and all(r.error is None and r.img_per_s > 0 for r in rows.values())
+    assert report.ratios["fcmae"]["histomim"]["transformers"] > 0
+    # same weights and mask: at initialisation (LayerScale 1e-6) the only difference, what leaks through the
+    # reference's depthwise convolutions, is tiny, so a wrong weight mapping would show here
+    assert report.loss_difference_fp32["fcmae"] < 1e-4
+
+    cnn = objective_config(config, "fcmae")
+    assert (cnn.model_type, cnn.image_size, cnn.hidden_sizes) == ("histomim_convnext", 64, [40, 80, 160, 320])
+    with FlopCounterMode(display=False) as counter:
+        HistoMIMConvNextForPreTraining(cnn)(torch.randn(1, 3, 64, 64))
+    assert training_flops_per_image(cnn) == pytest.approx(3 * counter.get_total_flops(), rel=0.05)

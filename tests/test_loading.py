@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,7 +26,7 @@ import histomim
 from histomim import HistoMIMForPreTraining, HistoMIMModel, image_processor_for
 from histomim.export import from_vit_mae, to_vit
 
-from conftest import tiny_config
+from conftest import make_hub_cache, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,22 +144,6 @@ def test_trust_remote_code_from_folder_without_histomim(saved_model, tmp_path):
     out = run_without_histomim(load_encoder_snippet(str(folder), folder.parent / "reference.safetensors"),
                                env={"HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert "LOADED transformers_modules" in out
-
-
-def make_hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
-    """Lay `folder` out as the Hub's own cache does: blobs, a snapshot of symlinks, refs/main."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
-    for index, file in enumerate(sorted(folder.iterdir())):
-        if file.is_file():
-            blob = repo / "blobs" / f"blob{index:04d}"
-            shutil.copy(file, blob)
-            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
 
 
 def test_repo_id_resolves_from_offline_hub_cache(saved_model, tmp_path):

@@ -31,10 +31,12 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="histomim-vitb16",
                         help="preset folder name under hub_configs/, or a path to a config folder (default: %(default)s)")
-    parser.add_argument("--objectives", nargs="+", default=["mae", "simmim", "beit"], choices=["mae", "simmim", "beit"],
+    parser.add_argument("--objectives", nargs="+", default=["mae", "simmim", "beit"],
+                        choices=["mae", "simmim", "beit", "fcmae"],
                         help="objectives to benchmark, each against its transformers reference: ViTMAEForPreTraining, "
                         "ViTForMaskedImageModeling, BeitForMaskedImageModeling (BEiT with random codes as labels over an "
-                        "8192-code codebook, without relative position bias) (default: all three)")
+                        "8192-code codebook, without relative position bias); fcmae: the histomim-convnext-atto CNN at "
+                        "the same image size against transformers' ConvNextModel masking only its input (default: mae simmim beit)")
     parser.add_argument("--device", default="cuda", help="torch device, e.g. cuda or cpu (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per training step (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="override the preset's image size (e.g. 64 for CPU)")

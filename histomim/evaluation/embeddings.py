@@ -4,7 +4,8 @@
 Which tokens make the embedding (`POOLINGS`) and from which layer:
 
 * ``cls``: the CLS token; ``mean``: the mean of the patch tokens (CLS and register tokens left out);
-  ``cls+mean``: both, concatenated (2D);
+  ``cls+mean``: both, concatenated (2D); a convolutional encoder (feature maps, no tokens) gives its
+  ``pooler_output`` (or, for an earlier layer, the spatial mean of that stage's map) for ``cls`` and ``mean``;
 * ``layer=None``: the encoder's final, normalised output (``last_hidden_state``); an integer ``k``:
   ``hidden_states[k]`` (``output_hidden_states=True``; 0 is the embedding layer, ``k`` the output of
   block ``k``, negative counts from the end), as they are, before the final norm.
@@ -57,7 +58,7 @@ def image_processor(source: str | None, config):
             return AutoImageProcessor.from_pretrained(source)
         except (OSError, ValueError):
             pass  # no preprocessor_config.json
-    if getattr(config, "model_type", None) == "histomim":
+    if getattr(config, "model_type", None) in ("histomim", "histomim_convnext"):
         from ..mim import image_processor_for
 
         return image_processor_for(config)
@@ -86,6 +87,17 @@ def pool_tokens(tokens: torch.Tensor, pooling: str, prefix: int) -> torch.Tensor
     return {"cls": cls, "mean": mean, "cls+mean": torch.cat([cls, mean], dim=-1)}[pooling]
 
 
+def pool_features(output, tokens: torch.Tensor, pooling: str, prefix: int, layer: int | None) -> torch.Tensor:
+    """Tokens (B, N, D) pooled by `pool_tokens`; a CNN's feature map (B, C, h, w) has no CLS token: its
+    `pooler_output` for the last layer, the spatial mean of an earlier one, with `pooling` "mean" (or "cls",
+    which a CNN's pooled output stands in for)."""
+    if tokens.ndim == 3:
+        return pool_tokens(tokens, pooling, prefix)
+    if pooling == "cls+mean":
+        raise ValueError("pooling 'cls+mean' needs token outputs; a convolutional encoder gives feature maps: use 'mean'")
+    return output.pooler_output if layer is None else tokens.mean(dim=(-2, -1))  # (B, C)
+
+
 @torch.inference_mode()
 def embed_images(
     encoder,
@@ -107,8 +119,8 @@ def embed_images(
         batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
         pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)  # (B, 3, H, W)
         output = encoder(pixel_values=pixels, output_hidden_states=layer is not None)
-        tokens = output.last_hidden_state if layer is None else output.hidden_states[layer]  # (B, N, D)
-        features.append(pool_tokens(tokens, pooling, prefix).float().cpu())
+        tokens = output.last_hidden_state if layer is None else output.hidden_states[layer]  # (B, N, D) | (B, C, h, w)
+        features.append(pool_features(output, tokens, pooling, prefix, layer).float().cpu())
     return torch.cat(features).numpy()
 
 

@@ -2,6 +2,7 @@
 
 from .configuration_histomim import HistoMIMConfig
 from .configuration_tokenizer import HistoMIMTokenizerConfig
+from .configuration_histomim_convnext import HistoMIMConvNextConfig
 from .image_processing_histomim import ProcessorTransform, image_processor_classes, image_processor_for
 from .masking import block_random_mask, block_wise_masking, random_masking
 from .modeling_histomim import (
@@ -13,6 +14,7 @@ from .modeling_histomim import (
     HistoMIMPreTrainedModel,
 )
 from .modeling_tokenizer import HistoMIMTokenizer, HistoMIMTokenizerOutput, tokenizer_for_teacher
+from .modeling_histomim_convnext import HistoMIMConvNextForPreTraining, HistoMIMConvNextModel
 
 __all__ = [
     "HistoMIMConfig",
@@ -32,4 +34,7 @@ __all__ = [
     "HistoMIMTokenizer",
     "HistoMIMTokenizerOutput",
     "tokenizer_for_teacher",
+    "HistoMIMConvNextConfig",
+    "HistoMIMConvNextModel",
+    "HistoMIMConvNextForPreTraining",
 ]

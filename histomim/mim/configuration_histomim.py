@@ -9,10 +9,13 @@ from .masking import block_wise_noise_size, masked_fraction, num_masked_blocks
 OBJECTIVES = ("mae", "simmim", "beit", "latent")
 # Objectives that mask with BEiT's block-wise rectangles and a mask token, predicting no pixels.
 BLOCK_WISE_OBJECTIVES = ("beit", "latent")
+# Objectives that predict pixels, whose reconstructions can be shown (fcmae: the ConvNeXt encoder's).
+PIXEL_OBJECTIVES = ("mae", "simmim", "fcmae")
 # mask_ratio when none is given: MAE's 75%, BEiT's 40%, data2vec's 60% (SimMIM presets set their own).
 DEFAULT_MASK_RATIOS = {"mae": 0.75, "simmim": 0.75, "beit": 0.4, "latent": 0.6}
 POOLINGS = ("cls", "mean", "cls+mean")
 POSITION_EMBEDDINGS = ("sincos", "learned")
+MLP_TYPES = ("mlp", "swiglu")
 
 # ImageNet statistics: the usual choice when starting from natural-image weights.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,7 +39,9 @@ class HistoMIMConfig(PretrainedConfig):
     `num_attention_heads`, `intermediate_size` (defaults to `mlp_ratio * hidden_size`), `qkv_bias`,
     `hidden_act`, `layer_norm_eps`, `drop_path_rate`, `layerscale_init` (None disables LayerScale),
     `num_register_tokens`, `position_embedding` (`"sincos"` fixed 2-D or `"learned"`), `pooling`
-    (`"cls"`, `"mean"` over patch tokens, or `"cls+mean"` concatenated).
+    (`"cls"`, `"mean"` over patch tokens, or `"cls+mean"` concatenated), `mlp_type` (`"mlp"`: fc1 -> act ->
+    fc2; `"swiglu"`: act(gate) * value with one packed `fc1` of width 2 x `intermediate_size`, the gate
+    first, as in DINOv2's SwiGLU and timm's `SwiGLUPacked`; use it with `hidden_act="silu"`).
 
     Objective: `objective` (`"mae"` or `"simmim"`), `mask_ratio` in (0, 1), `mask_patch_size` (the
     masking granularity, a multiple of `patch_size`; unset, it follows the objective: whole ViT patches
@@ -98,6 +103,7 @@ class HistoMIMConfig(PretrainedConfig):
         latent_top_k_layers: int = 8,
         teacher_momentum: float = 0.996,
         teacher_momentum_end: float = 1.0,
+        mlp_type: str = "mlp",
         **kwargs,
     ):
         # Former names: transformers treats every `*_std` config field as an initialisation scale.
@@ -139,6 +145,7 @@ class HistoMIMConfig(PretrainedConfig):
         self.latent_top_k_layers = latent_top_k_layers
         self.teacher_momentum = teacher_momentum
         self.teacher_momentum_end = teacher_momentum_end
+        self.mlp_type = mlp_type
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
         self._validate()
@@ -151,6 +158,8 @@ class HistoMIMConfig(PretrainedConfig):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(f"position_embedding must be one of {POSITION_EMBEDDINGS}, got {self.position_embedding!r}")
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}")
         if not 0.0 < float(self.mask_ratio) < 1.0:
             raise ValueError(f"mask_ratio must lie in the open interval (0, 1), got {self.mask_ratio}")
         if self.image_size % self.patch_size != 0:

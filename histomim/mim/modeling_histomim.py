@@ -240,6 +240,21 @@ class HistoMIMMLP(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
+class HistoMIMSwiGLU(nn.Module):
+    """Gated MLP: fc2(act(gate) * value), gate and value from one packed fc1 (gate first), as DINOv2's
+    `SwiGLUFFN` (`w12`, `w3`) and timm's `SwiGLUPacked`."""
+
+    def __init__(self, config: HistoMIMConfig, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden_dim)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(hidden_states).chunk(2, dim=-1)  # 2 x (B, N, hidden_dim)
+        return self.fc2(self.act(gate) * value)
+
+
 class LayerScale(nn.Module):
     """Per-channel residual scaling (CaiT); the identity when `layerscale_init` is None."""
 
@@ -275,7 +290,7 @@ class HistoMIMBlock(GradientCheckpointingLayer):
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attn = HistoMIMAttention(config, dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mlp = HistoMIMMLP(config, dim, mlp_dim)
+        self.mlp = (HistoMIMSwiGLU if config.mlp_type == "swiglu" else HistoMIMMLP)(config, dim, mlp_dim)
         use_layerscale = config.layerscale_init is not None
         self.ls1 = LayerScale(dim, config.layerscale_init) if use_layerscale else nn.Identity()
         self.ls2 = LayerScale(dim, config.layerscale_init) if use_layerscale else nn.Identity()
@@ -488,6 +503,25 @@ class HistoMIMDecoder(nn.Module):
 # --------------------------------------------------------------------------- pretraining (AutoModelForPreTraining)
 
 
+def masked_patch_mse(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MAE's loss: mean squared error per patch, averaged over masked patches only.
+
+    logits, target: (B, L, p*p*C) predicted and true patch pixels; mask: (B, L) float, 1 = masked.
+    norm_pix_loss: targets normalised per patch (mean 0, variance 1).
+    Returns the loss and the prediction in input pixel space (B, L, p*p*C), for the reconstruction image.
+    """
+    if norm_pix_loss:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6) ** 0.5
+        pixels = logits * (var + 1e-6) ** 0.5 + mean  # back to input space
+    else:
+        pixels = logits
+    per_patch = ((logits - target) ** 2).mean(dim=-1)  # (B, L)
+    return (per_patch * mask).sum() / mask.sum(), pixels
+
+
 class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
     """The encoder plus the configured objective.
 
@@ -630,15 +664,7 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
         encoded = self.histomim(pixel_values, ids_keep=ids_keep, **encoder_options)
         logits = self.decoder(encoded.last_hidden_state, ids_keep, grid_hw).float()  # (B, L, p*p*C)
 
-        target = self.patchify(pixel_values.float())  # (B, L, p*p*C)
-        if self.config.norm_pix_loss:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-            pixels = logits * (var + 1e-6) ** 0.5 + mean  # back to input space for the reconstruction image
-        else:
-            pixels = logits
-        per_patch = ((logits - target) ** 2).mean(dim=-1)  # (B, L)
-        loss = (per_patch * mask).sum() / mask.sum()  # masked patches only
+        loss, pixels = masked_patch_mse(logits, self.patchify(pixel_values.float()), mask, self.config.norm_pix_loss)
         return HistoMIMForPreTrainingOutput(
             loss=loss, logits=logits, reconstruction=self.unpatchify(pixels, pixel_values.shape[-2:]),
             mask=mask, ids_restore=ids_restore, hidden_states=encoded.hidden_states, attentions=encoded.attentions,

@@ -42,7 +42,7 @@ class PretrainArguments:
     config: str = HfArg(
         default=DEFAULT_PRESET,
         help="Model config: a preset in hub_configs/ (histomim-vit-tiny16, histomim-vits16, histomim-vitb16, "
-        "histomim-vitl16, histomim-vitb16-simmim), a config folder or a Hub id (default: histomim-vit-tiny16).",
+        "histomim-vitl16, histomim-vitb16-simmim, histomim-convnext-atto), a config folder or a Hub id (default: histomim-vit-tiny16).",
     )
     data: list[str] = HfArg(
         default_factory=list,
@@ -54,6 +54,14 @@ class PretrainArguments:
         default=False,
         help="Run the built-in demo: the CMU-1 sample slide instead of --data; unset flags take the demo's values "
         "(image size 112, 150 steps, base lr 1.5e-3). `histomim pretrain` without any flag is the demo too.",
+    )
+    init_from: str | None = HfArg(
+        default=None,
+        help="Start the encoder from existing weights instead of a random init: a saved histomim model (folder or "
+        "Hub id) or a timm-layout ViT such as UNI, Virchow, H-optimus or DINOv2 (a .safetensors file, or a folder "
+        "or Hub repo holding model.safetensors). The encoder's architecture comes from these weights; --config "
+        "gives the objective, its decoder and, for timm weights, the number of attention heads. A Hub id becomes "
+        "the card's base_model (default: random init).",
     )
     output_dir: str = HfArg(
         default=DEFAULT_OUTPUT_DIR, help=f"Where the model, plots and checkpoints go (default: {DEFAULT_OUTPUT_DIR})."

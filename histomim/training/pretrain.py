@@ -38,8 +38,16 @@ import torch
 
 from ..atomic import atomic_path, give_normal_permissions
 from ..data.sources import prepare_tiles
-from ..mim import HistoMIMConfig, HistoMIMForPreTraining, HistoMIMTokenizerConfig, image_processor_for, tokenizer_for_teacher
-from ..mim.configuration_histomim import DEFAULT_MASK_RATIOS
+from ..mim import (
+    HistoMIMConfig,
+    HistoMIMConvNextConfig,
+    HistoMIMConvNextForPreTraining,
+    HistoMIMForPreTraining,
+    HistoMIMTokenizerConfig,
+    image_processor_for,
+    tokenizer_for_teacher,
+)
+from ..mim.configuration_histomim import DEFAULT_MASK_RATIOS, PIXEL_OBJECTIVES
 from ..presets import config_source, preset_names
 from ..run_report import card_info, print_loss_summary, public_summary, run_summary
 from .arguments import PretrainArguments, trackers, with_demo_defaults
@@ -57,7 +65,13 @@ from .common import (
     warmup_cosine_schedule,
 )
 from .float8 import convert_to_float8
+from .init_from import initial_encoder_settings, load_initial_encoder
 
+# model_type -> (config class, pretraining class): every encoder family trains through the same loop
+MODEL_FAMILIES = {
+    HistoMIMConfig.model_type: (HistoMIMConfig, HistoMIMForPreTraining),
+    HistoMIMConvNextConfig.model_type: (HistoMIMConvNextConfig, HistoMIMConvNextForPreTraining),
+}
 VISUALIZATION_KEY = 0x5EED  # keys the fixed mask noise of the reconstruction grids
 NUM_VISUALIZED = 6
 CODEBOOK_METRICS = ("perplexity", "codebook_usage")
@@ -141,10 +155,14 @@ def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoM
             f"--config {args.config!r} is not a config folder, a preset ({', '.join(preset_names())}) "
             f"or a reachable Hub id: {error}"
         ) from error
-    if settings.get("model_type") != HistoMIMConfig.model_type:
+    if settings.get("model_type") not in MODEL_FAMILIES:
         raise ValueError(
-            f"--config {args.config!r} is a {settings.get('model_type')!r} config, not {HistoMIMConfig.model_type!r}"
+            f"--config {args.config!r} is a {settings.get('model_type')!r} config, not one of {', '.join(map(repr, MODEL_FAMILIES))}"
         )
+    if args.init_from and settings["model_type"] != HistoMIMConfig.model_type:
+        raise ValueError(f"--init-from starts ViT encoders; --config {args.config!r} is a {settings['model_type']!r} model")
+    if args.init_from:  # the encoder's architecture is the source's
+        settings.update(initial_encoder_settings(args.init_from, settings))
     # a tokenizer's encoder is the config's ViT; its own settings come from the tokenizer flags (see build_model)
     objective = args.objective if args.objective != "tokenizer" else None
     if objective is not None and objective != settings.get("objective"):
@@ -161,26 +179,32 @@ def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoM
     # --tile-mpp; a preset's value is what it was designed for, not what these tiles are
     settings["target_mpp"] = tile_mpp
     settings["magnification"] = round(10.0 / tile_mpp, 1) if tile_mpp else None  # 0.5 um/px ~ 20x
-    return HistoMIMConfig.from_dict(settings)
+    config_class, _ = MODEL_FAMILIES[settings["model_type"]]
+    return config_class.from_dict(settings)
 
 
-def build_model(args: PretrainArguments, config: HistoMIMConfig):
+def build_model(args: PretrainArguments, config: HistoMIMConfig | HistoMIMConvNextConfig, announce=print):
     """The model the run trains, with its training-only targets attached (BEiT's tokenizer, the latent objective's
-    teacher, a tokenizer's teacher): a `HistoMIMForPreTraining`, or a `HistoMIMTokenizer` with --objective tokenizer."""
+    teacher, a tokenizer's teacher): a `HistoMIMForPreTraining` (or the ConvNeXt's), or a `HistoMIMTokenizer` with
+    --objective tokenizer. `announce` prints what --init-from loaded."""
     if args.objective == "tokenizer":
+        if args.init_from:
+            raise ValueError("--init-from starts the encoder of a pretraining run; a tokenizer (--objective tokenizer) starts from --config")
         tokenizer_config = HistoMIMTokenizerConfig(
             encoder_config=config, codebook_size=args.codebook_size, codebook_dim=args.codebook_dim,
             target="teacher" if args.teacher else "pixels", teacher_name_or_path=args.teacher,
         )  # fmt: skip
         return tokenizer_for_teacher(tokenizer_config)
-    model = HistoMIMForPreTraining(config)
-    model.prepare_targets()
+    model = MODEL_FAMILIES[config.model_type][1](config)
+    if args.init_from:
+        announce(load_initial_encoder(model.histomim, args.init_from))
+    model.prepare_targets()  # after --init-from: the latent objective's teacher copies the loaded encoder
     return model
 
 
 def has_pixel_reconstruction(config) -> bool:
     """Whether the objective predicts pixels, so that reconstruction grids can show its predictions."""
-    return getattr(config, "objective", None) in ("mae", "simmim")
+    return getattr(config, "objective", None) in PIXEL_OBJECTIVES
 
 
 def make_accelerator(args: PretrainArguments):
@@ -294,7 +318,7 @@ def pretrain(args: PretrainArguments) -> PretrainResult:
 
     # 2. model, optimizer (lr scaled by the global batch, as MAE) and warmup + cosine schedule
     set_seed(args.seed)  # the same initialisation on every process
-    model = build_model(args, config)
+    model = build_model(args, config, accelerator.print)
     config = model.config  # a tokenizer's own config, around the encoder's
     if args.float8:
         accelerator.print(f"float8: {convert_to_float8(model)} linears run their matmuls in float8")
@@ -532,7 +556,7 @@ def save_reconstructions(accelerator, model, pixel_values: torch.Tensor, path: P
     # the figure's own error: the masked-patch loss of these tiles, in the space the model is trained in
     title = (f"{config.objective.upper()}, mask ratio {config.realised_mask_ratio():.2g}, step {step}, "
              f"loss on these masked patches {float(outputs.loss):.3f}")  # fmt: skip
-    normalized = config.objective == "mae" and config.norm_pix_loss
+    normalized = config.objective in ("mae", "fcmae") and config.norm_pix_loss
     return save_reconstruction_grid(
         pixel_values, outputs.reconstruction, pixel_mask, path, config.normalization_mean, config.normalization_std,
         title, normalized_prediction=model.unpatchify(outputs.logits, pixel_values.shape[-2:]) if normalized else None,
