@@ -522,7 +522,18 @@ def masked_patch_mse(
     return (per_patch * mask).sum() / mask.sum(), pixels
 
 
-class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
+class PatchPixelsMixin:
+    """Pixels <-> per-patch vectors at the config's patch size: the pixel targets of every pretraining model."""
+
+    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return patchify(pixel_values, self.config.patch_size)
+
+    def unpatchify(self, patches: torch.Tensor, image_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        image_hw = image_hw or (self.config.image_size, self.config.image_size)
+        return unpatchify(patches, self.config.patch_size, image_hw, self.config.num_channels)
+
+
+class HistoMIMForPreTraining(PatchPixelsMixin, HistoMIMPreTrainedModel):
     """The encoder plus the configured objective.
 
     - `mae`: random masking (argsort of noise) of whole `mask_patch_size` blocks (single ViT patches by
@@ -555,13 +566,6 @@ class HistoMIMForPreTraining(HistoMIMPreTrainedModel):
             # SimMIM's 1x1 conv + pixel shuffle is a per-token linear map to the patch's pixels
             self.simmim_head = nn.Linear(config.hidden_size, config.patch_size**2 * config.num_channels)
         self.post_init()
-
-    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return patchify(pixel_values, self.config.patch_size)
-
-    def unpatchify(self, patches: torch.Tensor, image_hw: tuple[int, int] | None = None) -> torch.Tensor:
-        image_hw = image_hw or (self.config.image_size, self.config.image_size)
-        return unpatchify(patches, self.config.patch_size, image_hw, self.config.num_channels)
 
     def forward(
         self,

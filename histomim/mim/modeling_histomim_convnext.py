@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttenti
 
 from .configuration_histomim_convnext import HistoMIMConvNextConfig
 from .masking import random_masking
-from .modeling_histomim import DropPath, HistoMIMForPreTrainingOutput, masked_patch_mse, patchify, unpatchify
+from .modeling_histomim import DropPath, HistoMIMForPreTrainingOutput, PatchPixelsMixin, masked_patch_mse
 
 
 class ChannelsFirstLayerNorm(nn.LayerNorm):
@@ -226,7 +226,7 @@ class HistoMIMConvNextDecoder(nn.Module):
         return self.pred(x).flatten(2).transpose(1, 2)  # (B, L, p*p*C), patches in row-major order
 
 
-class HistoMIMConvNextForPreTraining(HistoMIMConvNextPreTrainedModel):
+class HistoMIMConvNextForPreTraining(PatchPixelsMixin, HistoMIMConvNextPreTrainedModel):
     """FCMAE: random masking of whole patches, the masked encoder, the decoder, MSE on masked patches only
     (per-patch normalized targets with `norm_pix_loss`). Outputs as `HistoMIMForPreTraining`'s."""
 
@@ -243,13 +243,6 @@ class HistoMIMConvNextForPreTraining(HistoMIMConvNextPreTrainedModel):
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Nothing: no teacher or codebook to update."""
-
-    def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return patchify(pixel_values, self.config.patch_size)
-
-    def unpatchify(self, patches: torch.Tensor, image_hw: tuple[int, int] | None = None) -> torch.Tensor:
-        image_hw = image_hw or (self.config.image_size, self.config.image_size)
-        return unpatchify(patches, self.config.patch_size, image_hw, self.config.num_channels)
 
     def forward(
         self,
