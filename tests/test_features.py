@@ -291,3 +291,39 @@ def test_slides_are_tiled_on_the_fly_at_the_encoders_resolution(sample_slide_pat
     with pytest.raises(ValueError, match=r"CMU-1-Small-Region.safetensors: .*tile set"):
         main(["--model", str(tmp_path / "model"), "--slides", str(sample_slide_path.parent), "--mpp", "8",
               "--out", str(tmp_path / "on_the_fly"), "--device", "cpu"])  # fmt: skip
+
+
+def test_a_folder_of_tile_images_gives_one_feature_file_per_subfolder(tiled, tmp_path):
+    """Tile images saved as PNG (lossless) give the features of the same tiles read from the slide; each
+    subfolder is a slide, the provenance names each row's image, and a changed image makes the file stale."""
+    from safetensors.torch import load_file
+
+    from histomim.data import read_tile
+    from histomim.features import read_feature_provenance
+
+    manifest = pd.read_parquet(tiled / "manifest.parquet").head(7).reset_index(drop=True)
+    manifest["slide_id"] = ["caseA"] * 4 + ["caseB"] * 3
+    images = tmp_path / "images"
+    for index, row in manifest.iterrows():
+        (images / row.slide_id).mkdir(parents=True, exist_ok=True)
+        read_tile(row).save(images / row.slide_id / f"tile_{index:02d}.png")
+    model = save_encoder(tmp_path / "model", 0)
+    outputs = extract_features(model, images, tmp_path / "features", device="cpu")
+    from_slide = extract_features(model, manifest, tmp_path / "from_slide", device="cpu")
+    assert sorted(outputs) == ["caseA", "caseB"]
+    for slide_id, path in outputs.items():
+        assert list(load_file(path)) == ["features"]  # no coordinates for loose images
+        torch.testing.assert_close(load_tile_features(path), load_tile_features(from_slide[slide_id]), atol=1e-5, rtol=1e-5)
+    record = read_feature_provenance(outputs["caseB"])
+    assert record["tile_names"] == ["tile_04.png", "tile_05.png", "tile_06.png"] and record["tile_count"] == 3
+    assert record["slide"]["path"] == str((images / "caseB").resolve())
+
+    mtime = outputs["caseA"].stat().st_mtime_ns
+    assert extract_features(model, images, tmp_path / "features", device="cpu") == outputs  # the same: kept
+    assert outputs["caseA"].stat().st_mtime_ns == mtime
+    read_tile(manifest.iloc[6]).rotate(90).save(images / "caseB" / "tile_06.png")  # another image under the name
+    with pytest.raises(ValueError, match=r"caseB.safetensors: .*tile set"):
+        extract_features(model, images, tmp_path / "features", device="cpu")
+    read_tile(manifest.iloc[0]).save(images / "stray.png")
+    with pytest.raises(ValueError, match=r"images: 1 images \(e.g. stray.png\) lie beside the slide subfolders caseA"):
+        extract_features(model, images, tmp_path / "features", device="cpu")

@@ -3,6 +3,7 @@
     histomim tile slides/ --out tiles/ --mpp 0.5
     histomim extract --model outputs/histomim-tiny-demo --tiles tiles/ --out features/
     histomim extract --model outputs/histomim-tiny-demo --slides slides/ --out features/   # tiled on the fly
+    histomim extract --model outputs/histomim-tiny-demo --tiles tile_images/ --out features/   # <case>/*.png
 
 --slides tiles each slide here (tissue detection, nothing written) at the encoder's resolution
 (config target_mpp and image_size, or --mpp / --tile-size). A rerun keeps the feature files made like now
@@ -25,7 +26,9 @@ def parse_args(argv=None, prog=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="saved model folder or Hub id (loaded with AutoModel)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tiles", type=Path, help="tile manifest parquet, or the output folder of `histomim tile`")
+    source.add_argument("--tiles", type=Path,
+                        help="tile manifest parquet, the output folder of `histomim tile`, or a folder of tile images "
+                        "(one slide per subfolder, or the folder itself; features without coordinates)")  # fmt: skip
     source.add_argument("--slides", nargs="+", type=Path, metavar="SLIDE_OR_DIR",
                         help="whole-slide files and/or folders of slides, tiled on the fly (nothing written)")
     parser.add_argument("--mpp", type=float, default=None,
