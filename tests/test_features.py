@@ -327,3 +327,14 @@ def test_a_folder_of_tile_images_gives_one_feature_file_per_subfolder(tiled, tmp
     read_tile(manifest.iloc[0]).save(images / "stray.png")
     with pytest.raises(ValueError, match=r"images: 1 images \(e.g. stray.png\) lie beside the slide subfolders caseA"):
         extract_features(model, images, tmp_path / "features", device="cpu")
+
+
+def test_tile_settings_with_a_manifest_are_refused_by_name(tmp_path, capsys):
+    from histomim.cli.extract import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--tiles", str(tmp_path), "--out", str(tmp_path / "f"), "--mpp", "1"])
+    assert "--mpp and --tile-size apply to --slides" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one source only
+        parse_args(["--model", "m", "--tiles", str(tmp_path), "--slides", "a.svs", "--out", str(tmp_path / "f")])
+    assert "not allowed with argument" in capsys.readouterr().err
