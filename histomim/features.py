@@ -10,6 +10,12 @@ Each file's metadata holds a provenance record (`read_feature_provenance`): the 
 revision, hashes of its weights, config and preprocessing), the slide file (`slide_identity`), its
 level-0 size, the tiles' mpp and size and a hash of the tile set. A rerun compares it, so features of
 another model, other tiles or another slide under the same id are never kept as if they were current.
+
+Under `accelerate launch` (or torchrun) the slides are split across the processes: process ``rank`` of
+``world`` extracts ``slides[rank::world]`` on its own device and writes only those files; every process
+checks every existing file first, so a stale one stops the run before any process computes anything.
+
+    accelerate launch --multi_gpu --num_processes 2 -m histomim.cli extract --model M --slides slides/ --out F/
 """
 
 from __future__ import annotations
@@ -45,8 +51,18 @@ def extract_features(
     image_size: int | None = None,
     overwrite: bool = False,
     file_format: str = "safetensors",
+    mpp: float | None = None,
+    tile_size: int | None = None,
 ) -> dict[str, Path]:
-    """Embed every tile of a tile manifest (or `tile_slides` output folder) with the encoder's pooled output.
+    """Embed every tile of a tile manifest (or `tile_slides` output folder), or of whole-slide files tiled on
+    the fly, with the encoder's pooled output.
+
+    ``tiles``: a tile manifest (DataFrame or parquet), a `histomim tile` folder, a folder of tile images
+    (`image_folder_manifest`: one slide per subfolder, or the folder itself; no coordinates), or slide files /
+    folders of slides (a path or a list), which are tiled here (`histomim.data.bags.slides_manifest`: tissue detection,
+    nothing written) at ``mpp`` um/px and ``tile_size`` px, by default the encoder's ``target_mpp`` and
+    ``image_size`` (the resolution it was pretrained at). Every process tiles every slide (tissue detection on
+    a low-resolution level is cheap next to the encoder) so that all agree on the split and on stale files.
 
     Tiles are read from the slides on the fly and preprocessed by the encoder's image processor
     (`image_processor_for`: resized to the encoder's size, or `image_size`, and normalized as it was
@@ -57,7 +73,11 @@ def extract_features(
 
     ``file_format``: ``"safetensors"`` (default) or ``"h5"`` (CLAM/TRIDENT layout, needs h5py).
 
-    Returns: {slide_id: feature file path} for every slide in the manifest.
+    With several processes (`accelerate launch`, torchrun) each extracts its share of the slides
+    (``slides[rank::world]``) and records its ``process_index`` in the files' provenance; all return once
+    every process has finished.
+
+    Returns: {slide_id: feature file path} for every slide in the manifest (on every process).
 
     Raises:
         ValueError: a slide id with tiles from two slide files (merged manifests), or without
@@ -66,6 +86,7 @@ def extract_features(
     """
     if file_format not in FEATURE_FILE_FORMATS:
         raise ValueError(f"file_format must be one of {FEATURE_FILE_FORMATS}, got {file_format!r}")
+    from accelerate import PartialState
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -74,6 +95,11 @@ def extract_features(
     from .mim.image_processing_histomim import ProcessorTransform, image_processor_for
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # one process per share of the slides under accelerate launch / torchrun (gloo on CPU); one otherwise
+    state = PartialState(cpu=torch.device(device).type == "cpu")
+    if state.num_processes > 1 and torch.device(device).type != "cpu":
+        device = str(state.device)  # this process's GPU (cuda:<local rank>)
+    device_type = torch.device(device).type
     encoder = load_encoder(model_or_path, device)
     config = encoder.config
     size = image_size or config.image_size
@@ -82,7 +108,7 @@ def extract_features(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    manifest = _read_manifest(tiles)
+    manifest = _read_manifest(tiles, mpp or config.target_mpp or 0.5, tile_size or config.image_size)
     slides = list(manifest.groupby("slide_id", sort=False))
     # every file name first: a crafted slide_id is refused before anything is written
     suffix = ".h5" if file_format == "h5" else ".safetensors"
@@ -102,30 +128,38 @@ def extract_features(
                 + "\n".join(f"  {targets[slide_id]}: {'; '.join(changes)}" for slide_id, changes in stale.items())
             )
 
-    # 2. extract what is left, one slide (one atomic file) at a time
+    # 2. this process's share of the slides: a split of all of them (not of what is left), so that every
+    # process computes the same split even while another is already writing its files
+    mine = {slide_id for slide_id, _ in slides[state.process_index :: state.num_processes]}
+    todo = [slide_id for slide_id in todo if slide_id in mine]
+    # 3. extract what is left, one slide (one atomic file) at a time
     rows_of = dict(slides)
-    for slide_id in tqdm(todo, desc="extracting features", unit="slide"):
+    for slide_id in tqdm(todo, desc="extracting features", unit="slide", disable=not state.is_main_process):
         rows = rows_of[slide_id]
-        dataset = load_tile_dataset(rows.reset_index(drop=True), transform=transform)
+        from_images = _is_image_rows(rows)  # the tile images of one folder: no slide, no coordinates
+        source = rows["folder"].iloc[0] if from_images else rows.reset_index(drop=True)
+        dataset = load_tile_dataset(source, transform=transform)
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
         features = []
         for batch in loader:
             pixels = batch["pixel_values"].to(device, non_blocking=True)  # (B, 3, H, W)
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=device_type != "cpu"):
                 output = encoder(pixels, interpolate_pos_encoding=size != config.image_size)
             features.append(output.pooler_output.float().cpu())  # (B, D)
-        coords = torch.tensor(rows[["x", "y"]].to_numpy(), dtype=torch.int64).contiguous()  # (N, 2)
-        with open_slide(rows["path"].iloc[0]) as slide:
-            level0_size = list(slide.dimensions)
-        provenance = {**records[slide_id], "level0_size": level0_size, "device": str(device)}
+        tensors = {"features": torch.cat(features)}  # (N, D)
+        provenance = {**records[slide_id], "device": str(device), "process_index": state.process_index,
+                      "num_processes": state.num_processes}  # fmt: skip
+        if not from_images:
+            tensors["coords"] = torch.tensor(rows[["x", "y"]].to_numpy(), dtype=torch.int64).contiguous()  # (N, 2)
+            with open_slide(rows["path"].iloc[0]) as slide:
+                provenance["level0_size"] = list(slide.dimensions)
         attributes = {"slide_id": str(slide_id), "encoder": type(encoder).__name__, PROVENANCE_KEY: json.dumps(provenance)}
         if file_format == "h5":
-            write_h5_features(targets[slide_id], torch.cat(features), coords, attributes)
+            write_h5_features(targets[slide_id], tensors["features"], tensors.get("coords"), attributes)
             continue
         with atomic_path(targets[slide_id]) as partial:
-            save_file({"features": torch.cat(features), "coords": coords}, str(partial),
-                      metadata={"slide_id": str(slide_id), "encoder": type(encoder).__name__,
-                                PROVENANCE_KEY: json.dumps(provenance)})  # fmt: skip
+            save_file(tensors, str(partial), metadata=attributes)
+    state.wait_for_everyone()  # every slide's file exists when any process returns
     return {slide_id: targets[slide_id] for slide_id, _ in slides}
 
 
@@ -171,12 +205,27 @@ def encoder_provenance(encoder, source, processor) -> dict:
 
 
 def tile_set_provenance(slide_id: str, rows) -> dict:
-    """The slide file (`slide_identity`) and tiles behind one slide's features.
+    """The slide file (`slide_identity`) and tiles behind one slide's features; for the tile images of a folder
+    (`image_folder_manifest`), the folder and each image's name, size and modification time.
 
     Raises:
         ValueError: the slide id has tiles from two slide files (e.g. two manifests merged).
     """
     from .data.tiling import slide_identity
+
+    if _is_image_rows(rows):
+        folder = Path(rows["folder"].iloc[0])
+        images = [(str(Path(path).relative_to(folder)), Path(path).stat()) for path in rows["path"]]
+        return {
+            # the folder's identity, in slide_identity's terms: what its images add up to
+            "slide": {"path": str(folder.resolve()), "size": sum(stat.st_size for _, stat in images),
+                      "mtime_ns": max(stat.st_mtime_ns for _, stat in images)},  # fmt: skip
+            "tiles_sha256": _sha256_json([(name, stat.st_size, stat.st_mtime_ns) for name, stat in images]),
+            "tile_count": len(images),
+            "tile_names": [name for name, _ in images],  # the file of each row of features, in order
+            "mpp": None,
+            "tile_size": None,
+        }
 
     paths = sorted({str(Path(p).resolve()) for p in rows["path"]})
     if len(paths) > 1:
@@ -231,14 +280,21 @@ def provenance_changes(previous: dict | None, current: dict) -> list[str]:
     return changes
 
 
-def _read_manifest(tiles):
-    """A tile manifest DataFrame from a DataFrame, a manifest parquet, or a `tile_slides` output folder."""
+def _read_manifest(tiles, mpp: float, tile_size: int):
+    """A tile manifest DataFrame from a DataFrame, a manifest parquet, a `tile_slides` output folder, or slide
+    files / folders of slides tiled here at ``mpp`` um/px and ``tile_size`` px."""
     import pandas as pd
 
+    from .data.bags import slides_manifest
+    from .data.sources import is_slide_input
     from .data.tiling import TileFolder
 
     if isinstance(tiles, pd.DataFrame):
         manifest = tiles
+    elif isinstance(tiles, (list, tuple)) or is_slide_input(Path(tiles)):
+        manifest = slides_manifest([tiles] if isinstance(tiles, (str, Path)) else tiles, mpp, tile_size)
+    elif _is_image_folder(Path(tiles)):
+        return image_folder_manifest(tiles)
     else:
         path = Path(tiles)
         path = TileFolder(path).manifest_path if path.is_dir() else path
@@ -254,6 +310,47 @@ def _read_manifest(tiles):
     if manifest.empty:
         raise ValueError("tile manifest has no tiles")
     return manifest
+
+
+def _is_image_folder(path: Path) -> bool:
+    """A folder of tile images: no tile manifest, saved dataset or parquet files, and some images."""
+    from .data.tiles import image_files
+    from .data.tiling import TileFolder, is_saved_dataset
+
+    if not path.is_dir() or TileFolder(path).manifest_path.exists() or is_saved_dataset(path):
+        return False
+    return not any(path.rglob("*.parquet")) and bool(image_files(path))
+
+
+def _is_image_rows(rows) -> bool:
+    return "folder" in rows and "x" not in rows
+
+
+def image_folder_manifest(folder: str | Path):
+    """The slides of a folder of tile images, as rows ``(slide_id, folder, path)``, one per image in reading order.
+
+    Each subfolder holding images is one slide, named after it (its images found recursively); a folder whose
+    images all lie directly in it is one slide named after the folder. Such features have no coordinates.
+
+    Raises:
+        ValueError: images directly in a folder that also has slide subfolders (whose slide would they be?).
+    """
+    import pandas as pd
+
+    from .data.tiles import image_files
+
+    folder = Path(folder)
+    subfolders = [p for p in sorted(folder.iterdir()) if p.is_dir() and image_files(p)]
+    loose = [p for p in image_files(folder) if p.parent == folder]
+    if subfolders and loose:
+        raise ValueError(
+            f"{folder}: {len(loose)} images (e.g. {loose[0].name}) lie beside the slide subfolders "
+            f"{', '.join(p.name for p in subfolders[:3])}{', ...' if len(subfolders) > 3 else ''}: put them in a "
+            "subfolder of their own (one subfolder per slide)"
+        )
+    rows = [{"slide_id": slide.name, "folder": str(slide), "path": str(image)}
+            for slide in (subfolders or [folder]) for image in image_files(slide)]  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 FEATURE_FILE_FORMATS = ("safetensors", "h5")
@@ -347,5 +444,5 @@ def read_h5_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
     return features, coords, attributes
 
 
-__all__ = ["extract_features", "load_tile_features", "load_encoder", "read_feature_provenance", "write_h5_features",
+__all__ = ["extract_features", "image_folder_manifest", "load_tile_features", "load_encoder", "read_feature_provenance", "write_h5_features",
            "read_h5_features", "TILE_FEATURE_SUFFIXES", "FEATURE_FILE_FORMATS"]  # fmt: skip

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Embed the tiles of tiled slides with a histomim encoder: one safetensors file per slide.
+"""Embed the tiles of slides (tiled, or tiled on the fly) with a histomim encoder: one feature file per slide.
 
 The same as `histomim extract`: `python scripts/extract_features.py --help` explains every option.
 """

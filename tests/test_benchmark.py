@@ -159,6 +159,33 @@ def test_extraction_mode_times_histomim_and_vit_on_the_same_real_tiles(tmp_path,
     assert figures["max_abs_difference"] < 1e-4  # the same weights give the same features
     assert "CMU-1-Small-Region.svs" in figures["tiles"] and figures["num_tiles"] == 16
     assert "transformers ViTModel" in capsys.readouterr().out
+    assert set(figures["attn_implementation"]) == {"histomim", "vit"}
+
+
+def test_extraction_timing_interleaves_the_two_models_in_alternating_order():
+    """Timing all of one model's passes, then all of the other's, would give whichever runs second a warmer
+    (or a more loaded) machine; the timed passes alternate A B, B A, ... after one untimed pass each."""
+    import torch
+
+    from histomim.training.benchmark import time_extractions
+
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, pixel_values):
+            calls.append(self.name)
+            return pixel_values.mean()
+
+    pixels = torch.zeros(6, 3, 8, 8)
+    speeds = time_extractions({"a": Recorder("a"), "b": Recorder("b")}, pixels, 3, "fp32", 3, torch.device("cpu"))
+    passes = calls[::2]  # two batches of 3 tiles per pass
+    assert calls[1::2] == passes  # each pass runs all its batches with one model
+    assert passes == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rounds A B, B A, A B
+    assert set(speeds) == {"a", "b"} and all(speed > 0 for speed in speeds.values())
 
 
 def test_cnn_rows_compare_fcmae_with_transformers_convnext():

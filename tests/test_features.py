@@ -216,3 +216,125 @@ def test_an_interrupted_extraction_keeps_every_finished_slide(tiled, tmp_path, m
     assert finished.stat().st_mtime_ns == mtime  # kept, not recomputed
     assert load_tile_features(outputs["second"]).shape == (6, 64)
     torch.testing.assert_close(load_tile_features(outputs["second"]), load_tile_features(finished))  # same pixels
+
+
+# -- several processes, slides tiled on the fly ----------------------------------------------------
+
+
+def test_two_processes_split_the_slides_and_match_one_process(tiled, tmp_path):
+    """`accelerate launch --num_processes 2 ... extract`: each slide is extracted by exactly one process, every
+    file is written, and the features are those of a one-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from histomim.features import read_feature_provenance
+
+    # three slide ids of 6 real tiles each (one slide file): process 0 takes slides 0 and 2, process 1 slide 1
+    manifest = pd.read_parquet(tiled / "manifest.parquet").head(18).reset_index(drop=True)
+    manifest["slide_id"] = [f"case{i // 6}" for i in range(len(manifest))]
+    manifest.to_parquet(tmp_path / "manifest.parquet")
+    model = save_encoder(tmp_path / "model", 0)
+    out = tmp_path / "features"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "histomim.cli",
+               "extract", "--model", str(model), "--tiles", str(tmp_path / "manifest.parquet"), "--out", str(out),
+               "--device", "cpu", "--batch-size", "4"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count(f"features of 3 slides in {out}") == 1  # printed by the main process only
+
+    written = {p.stem: read_feature_provenance(p) for p in out.glob("*.safetensors")}
+    assert sorted(written) == ["case0", "case1", "case2"]
+    assert {slide: record["process_index"] for slide, record in written.items()} == {"case0": 0, "case1": 1, "case2": 0}
+    assert {record["num_processes"] for record in written.values()} == {2}
+
+    single = extract_features(model, manifest, tmp_path / "single", batch_size=4, device="cpu")
+    for slide_id, path in single.items():
+        assert read_feature_provenance(path)["process_index"] == 0
+        torch.testing.assert_close(load_tile_features(out / f"{slide_id}.safetensors"), load_tile_features(path),
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    # the split run's files are current for a one-process rerun: kept, not recomputed
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    extract_features(model, manifest, out, device="cpu")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    assert written["case1"]["tile_count"] == 6
+
+
+def test_slides_are_tiled_on_the_fly_at_the_encoders_resolution(sample_slide_path, tmp_path):
+    """`extract --slides` gives the features and coordinates of `histomim tile` at the encoder's target_mpp and
+    image_size followed by `extract --tiles`, without writing tiles."""
+    from histomim.cli.extract import main
+    from histomim.features import read_feature_provenance
+
+    torch.manual_seed(0)
+    HistoMIMModel(tiny_config(image_size=32, patch_size=8, target_mpp=4.0)).save_pretrained(tmp_path / "model")
+    assert main(["--model", str(tmp_path / "model"), "--slides", str(sample_slide_path), "--out",
+                 str(tmp_path / "on_the_fly"), "--device", "cpu"]) == 0  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "on_the_fly"]  # no tile folder
+    on_the_fly = tmp_path / "on_the_fly" / "CMU-1-Small-Region.safetensors"
+
+    tile_slides([sample_slide_path], tmp_path / "tiles", mpp=4.0, tile_size=32)
+    tiled_first = extract_features(tmp_path / "model", tmp_path / "tiles", tmp_path / "tiled", device="cpu")
+    expected = tiled_first["CMU-1-Small-Region"]
+    from safetensors.torch import load_file
+
+    got, want = load_file(on_the_fly), load_file(expected)
+    assert len(want["coords"]) > 20 and torch.equal(got["coords"], want["coords"])
+    torch.testing.assert_close(got["features"], want["features"], atol=1e-5, rtol=1e-5)
+    record = read_feature_provenance(on_the_fly)
+    assert record["mpp"] == [pytest.approx(4.0, rel=0.01)] and record["tile_size"] == [32]
+    assert record["tiles_sha256"] == read_feature_provenance(expected)["tiles_sha256"]
+
+    # --mpp overrides the encoder's resolution: other tiles, so the existing file is refused as stale
+    with pytest.raises(ValueError, match=r"CMU-1-Small-Region.safetensors: .*tile set"):
+        main(["--model", str(tmp_path / "model"), "--slides", str(sample_slide_path.parent), "--mpp", "8",
+              "--out", str(tmp_path / "on_the_fly"), "--device", "cpu"])  # fmt: skip
+
+
+def test_a_folder_of_tile_images_gives_one_feature_file_per_subfolder(tiled, tmp_path):
+    """Tile images saved as PNG (lossless) give the features of the same tiles read from the slide; each
+    subfolder is a slide, the provenance names each row's image, and a changed image makes the file stale."""
+    from safetensors.torch import load_file
+
+    from histomim.data import read_tile
+    from histomim.features import read_feature_provenance
+
+    manifest = pd.read_parquet(tiled / "manifest.parquet").head(7).reset_index(drop=True)
+    manifest["slide_id"] = ["caseA"] * 4 + ["caseB"] * 3
+    images = tmp_path / "images"
+    for index, row in manifest.iterrows():
+        (images / row.slide_id).mkdir(parents=True, exist_ok=True)
+        read_tile(row).save(images / row.slide_id / f"tile_{index:02d}.png")
+    model = save_encoder(tmp_path / "model", 0)
+    outputs = extract_features(model, images, tmp_path / "features", device="cpu")
+    from_slide = extract_features(model, manifest, tmp_path / "from_slide", device="cpu")
+    assert sorted(outputs) == ["caseA", "caseB"]
+    for slide_id, path in outputs.items():
+        assert list(load_file(path)) == ["features"]  # no coordinates for loose images
+        torch.testing.assert_close(load_tile_features(path), load_tile_features(from_slide[slide_id]), atol=1e-5, rtol=1e-5)
+    record = read_feature_provenance(outputs["caseB"])
+    assert record["tile_names"] == ["tile_04.png", "tile_05.png", "tile_06.png"] and record["tile_count"] == 3
+    assert record["slide"]["path"] == str((images / "caseB").resolve())
+
+    mtime = outputs["caseA"].stat().st_mtime_ns
+    assert extract_features(model, images, tmp_path / "features", device="cpu") == outputs  # the same: kept
+    assert outputs["caseA"].stat().st_mtime_ns == mtime
+    read_tile(manifest.iloc[6]).rotate(90).save(images / "caseB" / "tile_06.png")  # another image under the name
+    with pytest.raises(ValueError, match=r"caseB.safetensors: .*tile set"):
+        extract_features(model, images, tmp_path / "features", device="cpu")
+    read_tile(manifest.iloc[0]).save(images / "stray.png")
+    with pytest.raises(ValueError, match=r"images: 1 images \(e.g. stray.png\) lie beside the slide subfolders caseA"):
+        extract_features(model, images, tmp_path / "features", device="cpu")
+
+
+def test_tile_settings_with_a_manifest_are_refused_by_name(tmp_path, capsys):
+    from histomim.cli.extract import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--tiles", str(tmp_path), "--out", str(tmp_path / "f"), "--mpp", "1"])
+    assert "--mpp and --tile-size apply to --slides" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one source only
+        parse_args(["--model", "m", "--tiles", str(tmp_path), "--slides", "a.svs", "--out", str(tmp_path / "f")])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -163,3 +163,39 @@ def test_segment_command_writes_model_summary_and_overlay(encoder_dir, tmp_path,
         assert overlay.format == "PNG" and overlay.size[0] > 600
     model = AutoModelForSemanticSegmentation.from_pretrained(out)
     assert model.config.id2label == {0: "background", 1: "nucleus"}
+
+
+def test_the_encoder_keeps_its_weights_and_init_only_the_decoder_gets_kaiming(tmp_path):
+    """The segmenter's own `_init_weights` (kaiming convolutions, unit GroupNorms) is for its decoder: the encoder
+    is a sub-model that transformers initialises with HistoMIMModel's MAE init (xavier patch embedding), and a
+    pretrained encoder keeps every weight it is loaded with, from an encoder or a pretraining folder, through
+    `segmenter_from_encoder`, `AutoModelForSemanticSegmentation` or an encoder object."""
+    from transformers import AutoModelForSemanticSegmentation
+
+    from histomim import HistoMIMForPreTraining, HistoMIMModel
+
+    torch.manual_seed(0)
+    encoder = HistoMIMModel(tiny_config())
+    encoder.save_pretrained(tmp_path / "encoder")
+    pretraining = HistoMIMForPreTraining(tiny_config())
+    pretraining.save_pretrained(tmp_path / "pretraining")
+    for source, weights in [(tmp_path / "encoder", encoder.state_dict()), (tmp_path / "pretraining", pretraining.histomim.state_dict()),
+                            (encoder, encoder.state_dict())]:  # fmt: skip
+        loaded = [segmenter_from_encoder(source, ["background", "nucleus"])]
+        if not isinstance(source, HistoMIMModel):
+            loaded.append(AutoModelForSemanticSegmentation.from_pretrained(source, num_labels=2))
+        for model in loaded:
+            kept = model.histomim.state_dict()
+            assert kept.keys() == weights.keys() and all(torch.equal(kept[k], weights[k]) for k in weights), source
+
+    # built from a config: the encoder is initialised exactly as HistoMIMModel is, the decoder's convs by kaiming
+    torch.manual_seed(1)
+    alone = HistoMIMModel(tiny_config()).state_dict()
+    torch.manual_seed(1)
+    model = HistoMIMForSemanticSegmentation(tiny_config(num_labels=2))
+    assert all(torch.equal(model.histomim.state_dict()[k], alone[k]) for k in alone)
+    patch_embed = model.histomim.embeddings.patch_embed.weight  # (D, 3, p, p), xavier over the flattened patch
+    fan_in, fan_out = patch_embed[0].numel(), patch_embed.shape[0]
+    assert patch_embed.abs().max() > 0.9 * (6 / (fan_in + fan_out)) ** 0.5 > 1.1 / fan_in**0.5  # not kaiming's bound
+    fuse = model.decoder.fuse[0].weight  # (C, layers * D, 1, 1), kaiming-uniform with a = sqrt(5): bound 1/sqrt(fan_in)
+    assert 0.9 / fuse[0].numel() ** 0.5 < fuse.abs().max() <= 1 / fuse[0].numel() ** 0.5

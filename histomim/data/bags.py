@@ -44,6 +44,21 @@ def slide_manifest(path: str | Path, mpp: float, tile_size: int):
     return manifest
 
 
+def slides_manifest(inputs, mpp: float, tile_size: int):
+    """The tissue tiles of slide files and folders of slides (tiled here, nothing written), as one manifest.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        ValueError: no slide among the inputs, or a slide without mpp metadata, tissue or whole tiles (named).
+    """
+    import pandas as pd
+
+    from .tiling import find_slides
+
+    slides = find_slides([Path(p) for p in inputs], WHOLE_SLIDE_EXTENSIONS)
+    return pd.concat([slide_manifest(slide, mpp, tile_size) for slide in slides], ignore_index=True)
+
+
 def tile_bag(
     source: str | Path, processor, mpp: float, tile_size: int, max_tiles: int | None = None
 ) -> torch.Tensor:
@@ -63,16 +78,11 @@ def tile_bag(
         raise FileNotFoundError(f"tile source not found: {path}")
     tiles = path
     if is_slide_input(path):  # a slide, or a folder of a patient's slides
-        import pandas as pd
-
-        from .tiling import find_slides
-
-        slides = find_slides([path], WHOLE_SLIDE_EXTENSIONS)
-        tiles = pd.concat([slide_manifest(slide, mpp, tile_size) for slide in slides], ignore_index=True)
+        tiles = slides_manifest([path], mpp, tile_size)
     dataset = load_tile_dataset(tiles, transform=ProcessorTransform(processor))
     if len(dataset) == 0:
         raise ValueError(f"{path}: no tiles")
     return torch.stack([dataset[int(i)]["pixel_values"] for i in spread_indices(len(dataset), max_tiles)])
 
 
-__all__ = ["slide_manifest", "spread_indices", "tile_bag"]
+__all__ = ["slide_manifest", "slides_manifest", "spread_indices", "tile_bag"]

@@ -338,12 +338,17 @@ def _load_folder(folder: Path, split: str, streaming: bool):
     if parquet_files:
         return _load_hub_dataset(str(folder), split, streaming)
     # 4. loose images; the dataset holds paths only, images are decoded when read
-    images = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    images = [str(p) for p in image_files(folder)]
     if images:
         return datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
     raise ValueError(
         f"no images ({', '.join(IMAGE_EXTENSIONS)}), parquet files or saved dataset found in folder {folder}"
     )
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files under ``folder`` (recursively), sorted: the rows, in order, of an image-folder source."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def _load_hub_dataset(source: str, split: str, streaming: bool):

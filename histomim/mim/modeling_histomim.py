@@ -904,7 +904,10 @@ class HistoMIMForSemanticSegmentation(HistoMIMPreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The encoder's initialisation, plus the decoder's convolutions (kaiming, as PyTorch's default) and norms."""
+        """The decoder's convolutions (kaiming, as PyTorch's default) and GroupNorms, and its LayerNorms (the encoder's
+        rules). Only the decoder's modules get here: the encoder is a sub-model (a `PreTrainedModel`), which
+        transformers initialises with HistoMIMModel's own `_init_weights` (MAE init, xavier patch embedding), and
+        weights loaded by `from_pretrained` are never re-initialised (tests/test_segmentation.py checks both)."""
         super()._init_weights(module)
         if isinstance(module, nn.Conv2d):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))

@@ -649,27 +649,32 @@ def real_tile_pixels(image_size: int, num_tiles: int, mpp: float = 0.5) -> tuple
 
 
 @torch.inference_mode()
-def time_extraction(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int, dtype: str, repeats: int,
-                    device: torch.device) -> float:  # fmt: skip
-    """Tiles/s of the encoder's forward over ``pixels`` in batches (after one untimed pass); the best of
-    ``repeats`` passes, as timeit does, since a shared machine only ever adds time."""
+def time_extractions(models: dict[str, torch.nn.Module], pixels: torch.Tensor, batch_size: int, dtype: str,
+                     repeats: int, device: torch.device) -> dict[str, float]:  # fmt: skip
+    """Tiles/s of each encoder's forward over ``pixels`` in batches: one untimed pass each, then ``repeats``
+    rounds in which every model makes one timed pass, the order reversed every other round (A B, B A, ...), so
+    that neither always runs first or last (warm caches, clock boost, a neighbour's load hit both alike).
+    The best pass of each, as timeit does, since a shared machine only ever adds time."""
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     autocast = dtype != "fp32"  # as histomim extract: bf16 autocast on a GPU
 
-    def one_pass() -> None:
-        for start in range(0, len(pixels), batch_size):
-            batch = pixels[start : start + batch_size].to(device, non_blocking=True)
+    def one_pass(model: torch.nn.Module) -> float:
+        start = time.perf_counter()
+        for first in range(0, len(pixels), batch_size):
+            batch = pixels[first : first + batch_size].to(device, non_blocking=True)  # (B, 3, S, S)
             with torch.autocast(device.type, dtype=torch_dtype, enabled=autocast):
                 model(pixel_values=batch)
         synchronize(device)
+        return time.perf_counter() - start
 
-    one_pass()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        one_pass()
-        times.append(time.perf_counter() - start)
-    return len(pixels) / min(times)
+    names = list(models)
+    for name in names:  # warm-up: allocator, kernels, lazily built caches
+        one_pass(models[name])
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            times[name].append(one_pass(models[name]))
+    return {name: len(pixels) / min(times[name]) for name in names}
 
 
 def extraction_throughput(config: HistoMIMConfig, device: str = "cpu", batch_size: int = 64, num_tiles: int = 256,
@@ -690,10 +695,10 @@ def extraction_throughput(config: HistoMIMConfig, device: str = "cpu", batch_siz
         sample = pixels[:4]
         difference = (histomim(sample).last_hidden_state - vit(pixel_values=sample).last_hidden_state).abs().max().item()
     histomim, vit = histomim.to(device), vit.to(device)
-    figures = {
-        "histomim_tiles_per_s": time_extraction(histomim, pixels, batch_size, dtype, repeats, device),
-        "vit_tiles_per_s": time_extraction(vit, pixels, batch_size, dtype, repeats, device),
-    }
+    speeds = time_extractions({"histomim": histomim, "vit": vit}, pixels, batch_size, dtype, repeats, device)
+    figures = {"histomim_tiles_per_s": speeds["histomim"], "vit_tiles_per_s": speeds["vit"]}
     return {**figures, "ratio": figures["histomim_tiles_per_s"] / figures["vit_tiles_per_s"],
             "max_abs_difference": difference, "tiles": source, "num_tiles": num_tiles, "batch_size": batch_size,
-            "dtype": dtype, "device": describe_device(device), "repeats": repeats}  # fmt: skip
+            "dtype": dtype, "device": describe_device(device), "repeats": repeats,
+            "attn_implementation": {"histomim": histomim.config._attn_implementation,
+                                    "vit": vit.config._attn_implementation}}  # fmt: skip
