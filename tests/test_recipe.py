@@ -120,6 +120,10 @@ def test_objectives_table_puts_each_run_beside_its_twin(tmp_path):
     assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 11
     assert lines[2].startswith("| mae (0.5) | 300 | 0.750 ± 0.050 | 0.600 ± 0.000 | +0.150 ± 0.050 | 2/2 |")
     assert "| -0.050 ± 0.050 | 0/2 |" in lines[3]
+    at_start = objectives_table([tmp_path / "mae.json"], step=0).splitlines()[2]
+    assert at_start.startswith("| mae (0.5) | 0 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.000 ± 0.000 | 0/2 |")
+    with pytest.raises(ValueError, match="mae.json: no checkpoint at step 100; it has steps"):
+        objectives_table([tmp_path / "mae.json"], step=100)
 
 
 def test_recipe_command_line(capsys):
@@ -130,6 +134,9 @@ def test_recipe_command_line(capsys):
     for flag in ("--objective", "--pool", "--split-seeds", "--pooling", "--layer", "--table", "--tokenizer-steps"):
         assert flag in text
     args = parse_args([])
-    assert (args.objective, args.pool, args.split_seeds) == ("mae", "report", 20)
+    assert (args.objective, args.pool, args.split_seeds, args.layer) == ("mae", "report", 20, 2)
+    assert parse_args(["--layer", "last"]).layer is None and parse_args(["--layer", "-1"]).layer == -1
+    with pytest.raises(SystemExit):
+        parse_args(["--layer", "top"])
     with pytest.raises(SystemExit):
         parse_args(["--objective", "tokenizer"])  # the tokenizer is trained for beit, not a recipe of its own

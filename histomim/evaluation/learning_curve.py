@@ -127,30 +127,33 @@ def learning_curve(
     return points
 
 
-def save_learning_curve_plot(points: list[dict], path: str | Path, title: str = "", ylabel: str = "") -> Path:
-    """Mean balanced accuracy (± std over splits, shaded) of each protocol against pretraining steps, with the
-    random-init twin's mean as a dashed line and its spread as a band."""
+def save_learning_curve_plot(points: list[dict], path: str | Path, title: str = "") -> Path:
+    """Two panels against pretraining steps: each protocol's mean balanced accuracy (± std over splits, shaded)
+    with the random-init twin dashed, and the paired difference to the twin (mean ± std over the same splits)."""
     from ..plotting import save_png, subplots
 
-    figure, axis = subplots(figsize=(6.4, 4.2))
+    figure, (scores_axis, difference_axis) = subplots(1, 2, figsize=(10, 4.2))
     steps = np.array([p["step"] for p in points])
+    splits = next(iter(points[0]["summary"].values()))["splits"]
     for protocol, colour in (("linear", "tab:blue"), ("knn", "tab:orange")):
         if protocol not in points[0]["summary"]:
             continue
         label = "linear probe" if protocol == "linear" else "kNN"
-        mean = np.array([p["summary"][protocol]["mean"] for p in points])
-        std = np.array([p["summary"][protocol]["std"] for p in points])
-        axis.plot(steps, mean, "o-", color=colour, label=f"{label}, pretrained")
-        axis.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.15)
-        twin, twin_std = points[0]["summary"][protocol]["mean"], points[0]["summary"][protocol]["std"]
-        axis.axhline(twin, color=colour, ls="--", lw=1, label=f"{label}, random init")
-        axis.axhspan(twin - twin_std, twin + twin_std, color=colour, alpha=0.06)
-    splits = points[0]["summary"][next(iter(points[0]["summary"]))]["splits"]
-    axis.set_xlabel("pretraining steps")
-    axis.set_ylabel(ylabel or f"balanced accuracy (mean ± std, {splits} splits)")
-    axis.set_title(title, fontsize=9)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+        summaries = [p["summary"][protocol] for p in points]
+        mean, std = (np.array([s[key] for s in summaries]) for key in ("mean", "std"))
+        scores_axis.plot(steps, mean, "o-", color=colour, label=f"{label}, pretrained")
+        scores_axis.fill_between(steps, mean - std, mean + std, color=colour, alpha=0.15)
+        scores_axis.axhline(mean[0], color=colour, ls="--", lw=1, label=f"{label}, random init (step 0)")
+        difference, spread = (np.array([s[key] for s in summaries]) for key in ("difference_mean", "difference_std"))
+        difference_axis.errorbar(steps, difference, yerr=spread, fmt="o-", color=colour, capsize=3, label=label)
+    scores_axis.set_ylabel(f"balanced accuracy (mean ± std, {splits} splits)")
+    difference_axis.axhline(0, color="black", lw=1)
+    difference_axis.set_ylabel("pretrained - random init, same split (mean ± std)")
+    for axis in (scores_axis, difference_axis):
+        axis.set_xlabel("pretraining steps")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     return save_png(figure, path)
 

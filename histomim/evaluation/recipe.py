@@ -27,7 +27,7 @@ from pathlib import Path
 PRESET = "histomim-vit-nano-nuclei"
 # the recipe's defaults, chosen on the tuning pool (docs/evaluation.md says how); never on the reported nuclei
 RECIPE = {"objective": "mae", "max_steps": 300, "checkpointing_steps": 100, "batch_size": 64, "base_lr": 1.5e-3,
-          "pooling": "mean", "layer": None}  # fmt: skip
+          "pooling": "mean", "layer": 2}  # fmt: skip
 POOLS = ("tune", "report")
 POOL_SEED, TUNE_FRACTION = 0, 0.4  # the fixed partition of the nuclei into the tuning and the reported pool
 TILE_SIZES = (48, 64)
@@ -113,6 +113,16 @@ def train_tokenizer(tiles: Path, output_dir: Path, args) -> Path:
     return output_dir
 
 
+def layer_choice(value: str) -> int | None:
+    """``--layer``: an index of ``hidden_states``, or ``last`` (None: the final normalised output)."""
+    if value == "last":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer takes an integer index of hidden_states or 'last', not {value!r}") from None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/nano-nuclei"), help="the pretraining run")
@@ -137,13 +147,16 @@ def parse_args(argv=None):
                         help="stratified 70/30 splits of the pool, seeds 0..N-1, every encoder on the same ones (default: %(default)s)")  # fmt: skip
     parser.add_argument("--pooling", choices=("cls", "mean", "cls+mean"), default=RECIPE["pooling"],
                         help="probe features: CLS, mean of the patch tokens or both (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--layer", type=int, default=RECIPE["layer"],
-                        help="probe hidden_states[LAYER] instead of the final normalised output (default: final)")  # fmt: skip
+    parser.add_argument("--layer", type=layer_choice, default=RECIPE["layer"],
+                        help="probe features from hidden_states[LAYER] (0: patch embedding, 1..4: the blocks, before the "
+                        "final norm), or 'last': the final normalised output (default: %(default)s)")  # fmt: skip
     parser.add_argument("--skip-pretraining", action="store_true", help="only evaluate the checkpoints already in --output-dir")
     parser.add_argument("--figure", type=Path, default=None,
                         help="learning-curve PNG (default: <output-dir>/learning_curve_<pool>_<features>.png)")  # fmt: skip
     parser.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                         help="print the side-by-side table of these learning_curve_*.json reports and exit")  # fmt: skip
+    parser.add_argument("--table-step", type=int, default=None,
+                        help="with --table: compare the runs at this checkpoint (default: each run's last)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -155,17 +168,24 @@ def format_row(name: str, point: dict, protocol: str) -> str:
             f"{round(summary['won'] * summary['splits'])}/{summary['splits']} |")  # fmt: skip
 
 
-def objectives_table(reports: list[Path]) -> str:
-    """A markdown table of the last checkpoint of each recipe run (its JSON report) beside its random-init twin."""
-    lines = ["| objective (mask ratio) | steps | linear probe | random init | paired difference | splits won |"
+def objectives_table(reports: list[Path], step: int | None = None) -> str:
+    """A markdown table of each recipe run (its JSON report) at checkpoint ``step`` (default: its last) beside its
+    random-init twin."""
+    lines = ["| objective (mask ratio), features | steps | linear probe | random init | paired difference | splits won |"
              " kNN | random init | paired difference | splits won |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for path in reports:
         report = json.loads(Path(path).read_text())
-        last = {**report["points"][-1], "twin": report["points"][0]["summary"]}
+        points = {point["step"]: point for point in report["points"]}
+        if step is not None and step not in points:
+            raise ValueError(f"{path}: no checkpoint at step {step}; it has steps {sorted(points)}")
+        last = {**points[report["points"][-1]["step"] if step is None else step], "twin": report["points"][0]["summary"]}
         name = f"{report['objective']} ({report['mask_ratio']})"
+        if "settings" in report:  # the probed features, e.g. mean/layer2
+            layer = report["settings"]["layer"]
+            name += f", {report['settings']['pooling']}/{'last' if layer is None else f'layer{layer}'}"
         linear, knn = format_row(name, last, "linear"), format_row("", last, "knn").split("|")[3:]
-        lines.append(linear + "|".join(knn).lstrip())
+        lines.append(linear + "|".join(knn))
     return "\n".join(lines)
 
 
@@ -180,7 +200,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     if args.table:
-        print(objectives_table(args.table))
+        print(objectives_table(args.table, args.table_step))
         return 0
     tiles = args.output_dir.parent / "recipe_tiles"  # shared by the runs of every objective
     print(f"{recipe_tiles(tiles)} unlabelled H&E tiles in {tiles}")
@@ -202,7 +222,7 @@ def main(argv=None) -> int:
     name = f"learning_curve_{args.pool}_{settings.features.replace('/', '-')}"  # e.g. learning_curve_report_mean-last
     figure = args.figure or args.output_dir / f"{name}.png"
     title = (f"{PRESET}, {config.objective.upper()} mask {config.mask_ratio}: nucleus type, {args.pool} pool "
-             f"({len(nuclei)} nuclei), {settings.features} features")  # fmt: skip
+             f"({len(nuclei)} nuclei), {settings.features} features, {args.split_seeds} splits")  # fmt: skip
     save_learning_curve_plot(points, figure, title=title)
     report = {"preset": config_source(PRESET), "objective": config.objective, "mask_ratio": config.mask_ratio,
               "pretraining": vars(pretrain_args), "data": nuclei.description, "settings": vars(settings),
