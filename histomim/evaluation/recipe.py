@@ -12,7 +12,8 @@ nucleus-type probes of every checkpoint against the random-init twin over repeat
 2. `histomim pretrain --config histomim-vit-nano-nuclei --data <tiles>` with a checkpoint every
    ``--checkpointing-steps`` (``--objective beit`` first trains a pixel tokenizer, `train_tokenizer`);
 3. `learning_curve` on one pool of the 125 labelled nuclei (`nucleus_pools`): linear probe and kNN on
-   ``--pooling``/``--layer`` features over ``--split-seeds`` stratified splits, step 0 being the twin.
+   ``--pooling``/``--layer`` features (default: the mean patch token after block 2) over ``--split-seeds``
+   stratified splits, step 0 being the twin.
 
 The nuclei are cut once into two disjoint pools (`nucleus_pools`, stratified, seed 0): ``tune`` (50 nuclei),
 on which the recipe's settings were chosen, and ``report`` (75 nuclei), on which the figures are reported.
