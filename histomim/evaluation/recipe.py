@@ -1,19 +1,22 @@
-"""The nucleus recipe: pretrain the nano preset on unlabelled H&E tiles on a CPU, then measure the
-nucleus-type probe of every checkpoint against the random-init twin (docs/evaluation.md).
+"""The nucleus recipe: pretrain the nano preset on every unlabelled H&E image at hand on a CPU, then measure the
+nucleus-type probes of every checkpoint against the random-init twin over repeated splits (docs/evaluation.md).
 
-    python scripts/nucleus_recipe.py --output-dir outputs/nano-nuclei --max-steps 300 \
-        --figure docs/figures/nuclei_learning_curve.png
+    python scripts/nucleus_recipe.py --output-dir outputs/nano-nuclei          # the recipe, reported nuclei
+    python scripts/nucleus_recipe.py --output-dir outputs/nano-nuclei --pool tune --skip-pretraining
+    python scripts/nucleus_recipe.py --objective simmim --output-dir outputs/nano-simmim   # another objective
+    python scripts/nucleus_recipe.py --table outputs/nano-*/learning_curve_report_mean-last.json  # side by side
 
-1. tiles: the three unlabelled cellseg H&E images (not the labelled patches) cut into 48 and 64 px
-   tiles at half-tile stride, which the pretraining crop (scale 0.2-1) brings to the 32 px of the
-   nucleus crops;
+1. tiles (`recipe_tiles`): the three unlabelled cellseg H&E images (not the labelled patches) cut into 48 and
+   64 px tiles at half-tile stride, and the CMU-1 sample slide's tissue tiles at 0.25 and 0.5 um/px (64 px);
+   the pretraining crop (scale 0.2-1) brings them to the 32 px of the nucleus crops;
 2. `histomim pretrain --config histomim-vit-nano-nuclei --data <tiles>` with a checkpoint every
-   ``--checkpointing-steps``;
-3. `learning_curve` on the 125 labelled nuclei: linear probe and kNN on mean-pooled features, one
-   stratified split (``--seed``), step 0 being the random-init twin.
+   ``--checkpointing-steps`` (``--objective beit`` first trains a pixel tokenizer, `train_tokenizer`);
+3. `learning_curve` on one pool of the 125 labelled nuclei (`nucleus_pools`): linear probe and kNN on
+   ``--pooling``/``--layer`` features (default: the mean patch token after block 2) over ``--split-seeds``
+   stratified splits, step 0 being the twin.
 
-``--tune`` evaluates on the training nuclei of that split only (re-split with seed + 1), so settings
-can be chosen without looking at the reported test nuclei.
+The nuclei are cut once into two disjoint pools (`nucleus_pools`, stratified, seed 0): ``tune`` (50 nuclei),
+on which the recipe's settings were chosen, and ``report`` (75 nuclei), on which the figures are reported.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ import json
 from pathlib import Path
 
 PRESET = "histomim-vit-nano-nuclei"
+# the recipe's defaults, chosen on the tuning pool (docs/evaluation.md says how); never on the reported nuclei
+RECIPE = {"objective": "mae", "max_steps": 300, "checkpointing_steps": 100, "batch_size": 64, "base_lr": 1.5e-3,
+          "pooling": "mean", "layer": 2}  # fmt: skip
+POOLS = ("tune", "report")
+POOL_SEED, TUNE_FRACTION = 0, 0.4  # the fixed partition of the nuclei into the tuning and the reported pool
 TILE_SIZES = (48, 64)
+# (um/px, tile px) of the CMU-1 sample slide's tissue tiles: 0.25 um/px (the slide's 0.5 upsampled x2) is about
+# the scale of the 40x nucleus patches; 0.5 um/px adds context at half that magnification
+SLIDE_RESOLUTIONS = ((0.25, 64), (0.5, 64))
 
 
 def cut_tiles(images: list[Path], out_dir: Path, sizes=TILE_SIZES) -> int:
@@ -45,68 +56,188 @@ def cut_tiles(images: list[Path], out_dir: Path, sizes=TILE_SIZES) -> int:
     return count
 
 
+def cut_slide_tiles(slide_path: Path, out_dir: Path, resolutions=SLIDE_RESOLUTIONS, min_tissue: float = 0.5) -> int:
+    """The non-overlapping tissue tiles of a slide at each (mpp, tile px) of ``resolutions`` (`tile_manifest`
+    on `detect_tissue`, read by `read_tile`), as PNGs; returns how many (reused if present)."""
+    from ..data.slides import open_slide
+    from ..data.tiles import read_tile
+    from ..data.tiling import tile_manifest
+    from ..data.tissue import detect_tissue
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open_slide(slide_path) as slide:
+        tissue = detect_tissue(slide)
+        for mpp, size in resolutions:
+            manifest = tile_manifest(slide, tissue, mpp=mpp, tile_size=size, min_tissue=min_tissue)
+            for row in manifest.to_dict("records"):
+                target = out_dir / f"{slide.slide_id}_{mpp:g}mpp_{size}_{row['x']}_{row['y']}.png"
+                if not target.exists():
+                    read_tile(row).save(target)
+                count += 1
+    return count
+
+
+def recipe_tiles(out_dir: Path) -> int:
+    """All the unlabelled H&E tiles of the recipe in ``out_dir`` (see the module docstring); returns how many."""
+    from ..data.samples import sample_slide_path, sample_unlabelled_he_dir
+
+    return cut_tiles(sorted(sample_unlabelled_he_dir().glob("*.png")), out_dir) + cut_slide_tiles(sample_slide_path(), out_dir)
+
+
+def nucleus_pools(data, tune_fraction: float = TUNE_FRACTION, seed: int = POOL_SEED) -> dict:
+    """{"tune": ..., "report": ...}: a fixed stratified partition of labelled images into two disjoint pools, so
+    that settings chosen on one are reported on nuclei they never saw."""
+    from .data import LabelledImages, split_images
+
+    split = split_images(data, "stratified", 1 - tune_fraction, seed)  # train: the tuning pool
+    pools = {}
+    for name, indices in (("tune", split.train), ("report", split.test)):
+        pools[name] = LabelledImages([data.images[i] for i in indices], data.labels[indices], data.class_names,
+                                     data.groups[indices], f"{data.description}, {name} pool ({len(indices)} of "
+                                     f"{len(data)}: stratified, seed {seed})")  # fmt: skip
+    return pools
+
+
+def train_tokenizer(tiles: Path, output_dir: Path, args) -> Path:
+    """The pixel tokenizer (VQ-VAE, ``--codebook-size`` codes) that BEiT's targets come from, trained on the same
+    tiles with the same batch and seed for ``--tokenizer-steps``; reused if ``output_dir`` holds one."""
+    from ..training.arguments import parse_pretrain_arguments
+    from ..training.pretrain import pretrain
+
+    if not (output_dir / "config.json").exists():
+        pretrain(parse_pretrain_arguments([
+            "--objective", "tokenizer", "--config", PRESET, "--data", str(tiles), "--output-dir", str(output_dir),
+            "--max-steps", str(args.tokenizer_steps), "--batch-size", str(args.batch_size), "--base-lr",
+            str(args.base_lr), "--codebook-size", str(args.codebook_size), "--reconstruction-steps", "0",
+            "--seed", str(args.seed), "--cpu"]))  # fmt: skip
+    return output_dir
+
+
+def layer_choice(value: str) -> int | None:
+    """``--layer``: an index of ``hidden_states``, or ``last`` (None: the final normalised output)."""
+    if value == "last":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layer takes an integer index of hidden_states or 'last', not {value!r}") from None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/nano-nuclei"), help="the pretraining run")
-    parser.add_argument("--max-steps", type=int, default=300, help="pretraining steps (default: %(default)s)")
-    parser.add_argument("--checkpointing-steps", type=int, default=100, help="a probed checkpoint every N steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="pretraining batch (default: %(default)s)")
-    parser.add_argument("--base-lr", type=float, default=1.5e-3, help="pretraining base lr, x batch/256 (default: %(default)s)")
-    parser.add_argument("--mask-ratio", type=float, default=None, help="override the preset's mask ratio (0.5)")
-    parser.add_argument("--objective", choices=("mae", "simmim"), default=None, help="override the preset's objective (mae)")
-    parser.add_argument("--seed", type=int, default=0, help="pretraining seed and the evaluation split's seed (default: %(default)s)")
-    parser.add_argument("--tune", action="store_true", help="evaluate on the training nuclei only (see above)")
+    parser.add_argument("--objective", choices=("mae", "simmim", "latent", "beit"), default=RECIPE["objective"],
+                        help="pretraining objective (default: %(default)s); each keeps its usual mask ratio")  # fmt: skip
+    parser.add_argument("--mask-ratio", type=float, default=None,
+                        help="override the objective's mask ratio (MAE/SimMIM 0.5 in the preset, BEiT 0.4, latent 0.6)")  # fmt: skip
+    parser.add_argument("--max-steps", type=int, default=RECIPE["max_steps"], help="pretraining steps (default: %(default)s)")
+    parser.add_argument("--checkpointing-steps", type=int, default=RECIPE["checkpointing_steps"],
+                        help="a probed checkpoint every N steps (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=RECIPE["batch_size"], help="pretraining batch (default: %(default)s)")
+    parser.add_argument("--base-lr", type=float, default=RECIPE["base_lr"],
+                        help="pretraining base lr, x batch/256 (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--tokenizer-steps", type=int, default=100,
+                        help="with --objective beit: steps of the pixel tokenizer trained first (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--codebook-size", type=int, default=512,
+                        help="with --objective beit: the tokenizer's codes (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="pretraining seed (default: %(default)s)")
+    parser.add_argument("--pool", choices=POOLS, default="report",
+                        help="the nuclei to evaluate on: 'tune' (choose settings here) or 'report' (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--split-seeds", type=int, default=20,
+                        help="stratified 70/30 splits of the pool, seeds 0..N-1, every encoder on the same ones (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--pooling", choices=("cls", "mean", "cls+mean"), default=RECIPE["pooling"],
+                        help="probe features: CLS, mean of the patch tokens or both (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--layer", type=layer_choice, default=RECIPE["layer"],
+                        help="probe features from hidden_states[LAYER] (0: patch embedding, 1..4: the blocks, before the "
+                        "final norm), or 'last': the final normalised output (default: %(default)s)")  # fmt: skip
     parser.add_argument("--skip-pretraining", action="store_true", help="only evaluate the checkpoints already in --output-dir")
-    parser.add_argument("--figure", type=Path, default=None, help="learning-curve PNG (default: <output-dir>/learning_curve.png)")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="learning-curve PNG (default: <output-dir>/learning_curve_<pool>_<features>.png)")  # fmt: skip
+    parser.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="print the side-by-side table of these learning_curve_*.json reports and exit")  # fmt: skip
+    parser.add_argument("--table-step", type=int, default=None,
+                        help="with --table: compare the runs at this checkpoint (default: each run's last)")  # fmt: skip
     return parser.parse_args(argv)
 
 
+def format_row(name: str, point: dict, protocol: str) -> str:
+    """``name | steps | mean ± std | random init mean ± std | difference mean ± std | won`` of one protocol."""
+    summary, twin = point["summary"][protocol], point["twin"][protocol]
+    return (f"| {name} | {point['step']} | {summary['mean']:.3f} ± {summary['std']:.3f} | {twin['mean']:.3f} ± "
+            f"{twin['std']:.3f} | {summary['difference_mean']:+.3f} ± {summary['difference_std']:.3f} | "
+            f"{round(summary['won'] * summary['splits'])}/{summary['splits']} |")  # fmt: skip
+
+
+def objectives_table(reports: list[Path], step: int | None = None) -> str:
+    """A markdown table of each recipe run (its JSON report) at checkpoint ``step`` (default: its last) beside its
+    random-init twin."""
+    lines = ["| objective (mask ratio), features | steps | linear probe | random init | paired difference | splits won |"
+             " kNN | random init | paired difference | splits won |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path in reports:
+        report = json.loads(Path(path).read_text())
+        points = {point["step"]: point for point in report["points"]}
+        if step is not None and step not in points:
+            raise ValueError(f"{path}: no checkpoint at step {step}; it has steps {sorted(points)}")
+        last = {**points[report["points"][-1]["step"] if step is None else step], "twin": report["points"][0]["summary"]}
+        name = f"{report['objective']} ({report['mask_ratio']})"
+        if "settings" in report:  # the probed features, e.g. mean/layer2
+            layer = report["settings"]["layer"]
+            name += f", {report['settings']['pooling']}/{'last' if layer is None else f'layer{layer}'}"
+        linear, knn = format_row(name, last, "linear"), format_row("", last, "knn").split("|")[3:]
+        lines.append(linear + "|".join(knn))
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    from ..data.samples import sample_nuclei_pairs, sample_unlabelled_he_dir
+    from ..data.samples import sample_nuclei_pairs
     from ..presets import config_source
     from ..training.arguments import parse_pretrain_arguments
     from ..training.pretrain import load_model_config, pretrain
-    from .data import LabelledImages, nucleus_crops, split_images
-    from .harness import EvaluationSettings
+    from .data import nucleus_crops
+    from .harness import EvaluationSettings, save_report
     from .learning_curve import learning_curve, save_learning_curve_plot
 
     args = parse_args(argv)
-    tiles = args.output_dir / "pretraining_tiles"
-    print(f"{cut_tiles(sorted(sample_unlabelled_he_dir().glob('*.png')), tiles)} tiles in {tiles}")
-    flags = ["--config", PRESET, "--data", str(tiles), "--output-dir", str(args.output_dir), "--max-steps",
-             str(args.max_steps), "--batch-size", str(args.batch_size), "--base-lr", str(args.base_lr),
+    if args.table:
+        print(objectives_table(args.table, args.table_step))
+        return 0
+    tiles = args.output_dir.parent / "recipe_tiles"  # shared by the runs of every objective
+    print(f"{recipe_tiles(tiles)} unlabelled H&E tiles in {tiles}")
+    flags = ["--config", PRESET, "--objective", args.objective, "--data", str(tiles), "--output-dir", str(args.output_dir),
+             "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size), "--base-lr", str(args.base_lr),
              "--checkpointing-steps", str(args.checkpointing_steps), "--checkpoints-total-limit", "1000",
              "--reconstruction-steps", "0", "--seed", str(args.seed), "--cpu"]  # fmt: skip
-    flags += ["--mask-ratio", str(args.mask_ratio)] if args.mask_ratio else []
-    flags += ["--objective", args.objective] if args.objective else []
+    flags += ["--mask-ratio", str(args.mask_ratio)] if args.mask_ratio is not None else []
+    if args.objective == "beit":
+        flags += ["--tokenizer", str(train_tokenizer(tiles, args.output_dir.parent / f"{args.output_dir.name}-tokenizer", args))]
     pretrain_args = parse_pretrain_arguments(flags)
     if not args.skip_pretraining:
         pretrain(pretrain_args)
     config = load_model_config(pretrain_args, None)
 
-    nuclei = nucleus_crops(sample_nuclei_pairs(), crop_size=32)
-    if args.tune:  # the reported split's training nuclei only, split again
-        keep = split_images(nuclei, "stratified", 0.3, args.seed).train
-        nuclei = LabelledImages([nuclei.images[i] for i in keep], nuclei.labels[keep], nuclei.class_names,
-                                nuclei.groups[keep], nuclei.description + " (training nuclei of the reported split)")  # fmt: skip
-    settings = EvaluationSettings(pooling="mean", protocols=("linear", "knn"), knn_k=10,
-                                  seed=args.seed + 1 if args.tune else args.seed)  # fmt: skip
-    points = learning_curve(args.output_dir, nuclei, settings, config=config)
-    name = "tune" if args.tune else "report"
-    figure = args.figure or args.output_dir / f"learning_curve_{name}.png"
-    title = (f"{PRESET} {config.objective.upper()} mask {config.mask_ratio}: nucleus type, "
-             f"{'tuning' if args.tune else 'held-out'} split (seed {settings.seed})")  # fmt: skip
+    nuclei = nucleus_pools(nucleus_crops(sample_nuclei_pairs(), crop_size=32))[args.pool]
+    settings = EvaluationSettings(pooling=args.pooling, layer=args.layer, protocols=("linear", "knn"), knn_k=10)
+    points = learning_curve(args.output_dir, nuclei, settings, split_seeds=range(args.split_seeds), config=config)
+    name = f"learning_curve_{args.pool}_{settings.features.replace('/', '-')}"  # e.g. learning_curve_report_mean-last
+    figure = args.figure or args.output_dir / f"{name}.png"
+    title = (f"{PRESET}, {config.objective.upper()} mask {config.mask_ratio}: nucleus type, {args.pool} pool "
+             f"({len(nuclei)} nuclei), {settings.features} features, {args.split_seeds} splits")  # fmt: skip
     save_learning_curve_plot(points, figure, title=title)
-    (args.output_dir / f"learning_curve_{name}.json").write_text(json.dumps(
-        {"preset": config_source(PRESET), "pretraining": vars(pretrain_args), "data": nuclei.description,
-         "settings": vars(settings), "points": points}, indent=1, default=str) + "\n")  # fmt: skip
-    print(f"{'step':>6}  linear bal.acc  kNN bal.acc   (random init: linear {points[0]['random_init']['linear']['balanced_accuracy']:.3f}, "
-          f"kNN {points[0]['random_init']['knn']['balanced_accuracy']:.3f}; split {points[0]['split']})")
+    report = {"preset": config_source(PRESET), "objective": config.objective, "mask_ratio": config.mask_ratio,
+              "pretraining": vars(pretrain_args), "data": nuclei.description, "settings": vars(settings),
+              "split_seeds": list(range(args.split_seeds)), "points": points}  # fmt: skip
+    save_report(report, args.output_dir / f"{name}.json")
+    twin = points[0]["summary"]
+    print(f"{nuclei.description}; {settings.features} features; {args.split_seeds} stratified 70/30 splits")
+    print(f"{'step':>6}  {'linear bal.acc':<16}{'paired diff':<16}{'won':<8}{'kNN bal.acc':<16}{'paired diff':<16}won")
     for point in points:
-        print(f"{point['step']:>6}  {point['results']['linear']['balanced_accuracy']:.3f}           "
-              f"{point['results']['knn']['balanced_accuracy']:.3f}")
-    print(f"figure: {figure}")
+        cells = "".join(f"{s['mean']:.3f} ± {s['std']:.3f}   {s['difference_mean']:+.3f} ± {s['difference_std']:.3f}  "
+                        f"{s['won']:<8.2f}" for s in (point["summary"][p] for p in ("linear", "knn")))  # fmt: skip
+        print(f"{point['step']:>6}  {cells}")
+    print(f"random init (step 0): linear {twin['linear']['mean']:.3f}, kNN {twin['knn']['mean']:.3f}; figure: {figure}")
     return 0
 
 
-__all__ = ["cut_tiles", "main"]
+__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "nucleus_pools", "train_tokenizer", "objectives_table", "main"]

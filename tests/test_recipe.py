@@ -1,0 +1,142 @@
+"""The nucleus recipe's statistics and plumbing: repeated paired splits, the tuning/report pools, the tiles, the
+side-by-side table and the command line. Behaviour only; the recipe's figures are in docs/evaluation.md."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from histomim.data.samples import sample_nuclei_pairs
+from histomim.evaluation import EvaluationSettings, nucleus_crops
+from histomim.evaluation.data import LabelledImages
+from histomim.evaluation.learning_curve import learning_curve, paired_summary, repeated_split_scores
+from histomim.evaluation.recipe import cut_slide_tiles, main, nucleus_pools, objectives_table, parse_args
+
+SETTINGS = EvaluationSettings(pooling="mean", protocols=("linear", "knn"), knn_k=3)
+
+
+@pytest.fixture(scope="module")
+def nuclei():
+    return nucleus_crops(sample_nuclei_pairs(), crop_size=32)
+
+
+def fake_data(labels) -> LabelledImages:
+    return LabelledImages([None] * len(labels), labels, ["a", "b", "c"], [f"g{i}" for i in range(len(labels))], "fake")
+
+
+def test_paired_summary_known_answer():
+    summary = paired_summary([0.8, 0.6, 0.7, 0.5], [0.6, 0.6, 0.4, 0.7])
+    assert summary["mean"] == pytest.approx(0.65) and summary["std"] == pytest.approx(np.std([0.8, 0.6, 0.7, 0.5]))
+    assert summary["difference_mean"] == pytest.approx(0.075)  # (0.2 + 0 + 0.3 - 0.2) / 4
+    assert summary["difference_std"] == pytest.approx(np.std([0.2, 0.0, 0.3, -0.2]))
+    assert summary["won"] == 0.5 and summary["tied"] == 0.25 and summary["splits"] == 4
+    with pytest.raises(ValueError, match="same, non-zero number of splits"):
+        paired_summary([0.5, 0.6], [0.5])
+
+
+def test_repeated_splits_score_each_seed_and_pair_encoders():
+    labels = np.repeat([0, 1, 2], 20)  # (60,)
+    rng = np.random.default_rng(0)
+    separable = np.eye(3)[labels] * 5 + rng.normal(0, 0.1, (60, 3))  # (60, 3): the label, plainly
+    noise = rng.normal(0, 1, (60, 3))  # (60, 3): nothing to learn
+    data = fake_data(labels)
+    good = repeated_split_scores(separable, data, SETTINGS, range(4))
+    bad = repeated_split_scores(noise, data, SETTINGS, range(4))
+    assert set(good) == {"linear", "knn"} and all(len(v) == 4 for v in good.values())
+    assert good["linear"] == [1.0] * 4 and good["knn"] == [1.0] * 4
+    assert np.mean(bad["linear"]) < 0.7 and len(set(bad["linear"])) > 1  # the splits differ
+    assert paired_summary(good["linear"], bad["linear"])["won"] == 1.0
+    assert repeated_split_scores(noise, data, SETTINGS, range(4)) == bad  # fixed by the seeds
+
+
+def test_learning_curve_pairs_every_checkpoint_with_the_twin_on_the_same_splits(nuclei, tmp_path):
+    from safetensors.torch import save_file
+
+    from histomim import HistoMIMForPreTraining
+    from histomim.evaluation.embeddings import random_init_twin
+
+    config = tiny_config(image_size=32, patch_size=8, objective="simmim")  # its checkpoints hold a mask token
+    twin = random_init_twin(config, seed=0)
+    torch.manual_seed(1)
+    other = HistoMIMForPreTraining(config)
+    for step, state in ((10, {f"histomim.{k}": v for k, v in twin.state_dict().items()}), (20, other.state_dict())):
+        folder = tmp_path / "checkpoints" / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    pool = nucleus_pools(nuclei)["report"]
+    points = learning_curve(tmp_path, pool, SETTINGS, split_seeds=range(3), config=config)
+    assert [p["step"] for p in points] == [0, 10, 20]
+    # a checkpoint holding the twin's weights: the same score on every split, so a zero difference, all ties
+    assert points[1]["scores"] == points[0]["scores"]
+    assert points[1]["summary"]["linear"]["difference_std"] == 0 and points[1]["summary"]["knn"]["tied"] == 1.0
+    assert points[2]["scores"] != points[0]["scores"] and points[2]["summary"]["linear"]["splits"] == 3
+
+
+def test_nucleus_pools_are_disjoint_stratified_and_fixed(nuclei):
+    pools = nucleus_pools(nuclei)
+    assert (len(pools["tune"]), len(pools["report"])) == (50, 75)
+    for name in ("1", "2", "3", "5"):  # every class in both, in proportion (within one nucleus)
+        assert abs(pools["tune"].class_counts()[name] - 0.4 * nuclei.class_counts()[name]) <= 1
+    tune = {np.asarray(image).tobytes() for image in pools["tune"].images}
+    report = {np.asarray(image).tobytes() for image in pools["report"].images}
+    assert not tune & report and len(tune | report) == len(nuclei)
+    again = nucleus_pools(nuclei)["report"]
+    assert [np.asarray(a).tobytes() for a in again.images] == [np.asarray(b).tobytes() for b in pools["report"].images]
+    assert "report pool (75 of 125" in pools["report"].description
+
+
+def test_cut_slide_tiles_writes_the_manifest_tiles_at_each_resolution(sample_slide_path, tmp_path):
+    from PIL import Image
+
+    from histomim.data.slides import open_slide
+    from histomim.data.tiling import tile_manifest
+    from histomim.data.tissue import detect_tissue
+
+    count = cut_slide_tiles(sample_slide_path, tmp_path, resolutions=((4.0, 32), (8.0, 16)))
+    with open_slide(sample_slide_path) as slide:
+        tissue = detect_tissue(slide)
+        expected = [len(tile_manifest(slide, tissue, mpp=m, tile_size=s, min_tissue=0.5)) for m, s in ((4.0, 32), (8.0, 16))]
+    files = sorted(tmp_path.glob("*.png"))
+    assert count == len(files) == sum(expected) and all(expected)
+    assert {Image.open(f).size for f in files if "_4mpp_" in f.name} == {(32, 32)}
+    assert len([f for f in files if "_8mpp_" in f.name]) == expected[1]
+    assert cut_slide_tiles(sample_slide_path, tmp_path, resolutions=((4.0, 32), (8.0, 16))) == count  # reused
+
+
+def test_objectives_table_puts_each_run_beside_its_twin(tmp_path):
+    def report(objective, model, twin):
+        first = {"step": 0, "summary": {p: paired_summary(twin, twin) for p in ("linear", "knn")}}
+        last = {"step": 300, "summary": {p: paired_summary(model, twin) for p in ("linear", "knn")}}
+        path = tmp_path / f"{objective}.json"
+        path.write_text(json.dumps({"objective": objective, "mask_ratio": 0.5, "points": [first, last]}))
+        return path
+
+    table = objectives_table([report("mae", [0.8, 0.7], [0.6, 0.6]), report("simmim", [0.5, 0.6], [0.6, 0.6])])
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 11
+    assert lines[2].startswith("| mae (0.5) | 300 | 0.750 ± 0.050 | 0.600 ± 0.000 | +0.150 ± 0.050 | 2/2 |")
+    assert "| -0.050 ± 0.050 | 0/2 |" in lines[3]
+    at_start = objectives_table([tmp_path / "mae.json"], step=0).splitlines()[2]
+    assert at_start.startswith("| mae (0.5) | 0 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.000 ± 0.000 | 0/2 |")
+    with pytest.raises(ValueError, match="mae.json: no checkpoint at step 100; it has steps"):
+        objectives_table([tmp_path / "mae.json"], step=100)
+
+
+def test_recipe_command_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--objective", "--pool", "--split-seeds", "--pooling", "--layer", "--table", "--tokenizer-steps"):
+        assert flag in text
+    args = parse_args([])
+    assert (args.objective, args.pool, args.split_seeds, args.layer) == ("mae", "report", 20, 2)
+    assert parse_args(["--layer", "last"]).layer is None and parse_args(["--layer", "-1"]).layer == -1
+    with pytest.raises(SystemExit):
+        parse_args(["--layer", "top"])
+    with pytest.raises(SystemExit):
+        parse_args(["--objective", "tokenizer"])  # the tokenizer is trained for beit, not a recipe of its own
