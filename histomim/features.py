@@ -108,7 +108,7 @@ def extract_features(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    manifest = _read_manifest(tiles, mpp or config.target_mpp or 0.5, tile_size or config.image_size)
+    manifest = read_tile_manifest(tiles, mpp or config.target_mpp or 0.5, tile_size or config.image_size)
     slides = list(manifest.groupby("slide_id", sort=False))
     # every file name first: a crafted slide_id is refused before anything is written
     suffix = ".h5" if file_format == "h5" else ".safetensors"
@@ -280,9 +280,9 @@ def provenance_changes(previous: dict | None, current: dict) -> list[str]:
     return changes
 
 
-def _read_manifest(tiles, mpp: float, tile_size: int):
-    """A tile manifest DataFrame from a DataFrame, a manifest parquet, a `tile_slides` output folder, or slide
-    files / folders of slides tiled here at ``mpp`` um/px and ``tile_size`` px."""
+def read_tile_manifest(tiles, mpp: float | None = None, tile_size: int | None = None):
+    """A tile manifest DataFrame from a DataFrame, a manifest parquet, a `tile_slides` output folder, a folder
+    of tile images, or slide files / folders of slides tiled here at ``mpp`` um/px and ``tile_size`` px."""
     import pandas as pd
 
     from .data.bags import slides_manifest
@@ -292,6 +292,8 @@ def _read_manifest(tiles, mpp: float, tile_size: int):
     if isinstance(tiles, pd.DataFrame):
         manifest = tiles
     elif isinstance(tiles, (list, tuple)) or is_slide_input(Path(tiles)):
+        if mpp is None or tile_size is None:
+            raise ValueError(f"{tiles}: slides are tiled on the fly only at a given mpp and tile_size")
         manifest = slides_manifest([tiles] if isinstance(tiles, (str, Path)) else tiles, mpp, tile_size)
     elif _is_image_folder(Path(tiles)):
         return image_folder_manifest(tiles)
@@ -444,5 +446,5 @@ def read_h5_features(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
     return features, coords, attributes
 
 
-__all__ = ["extract_features", "image_folder_manifest", "load_tile_features", "load_encoder", "read_feature_provenance", "write_h5_features",
+__all__ = ["extract_features", "image_folder_manifest", "load_tile_features", "load_encoder", "read_tile_manifest", "read_feature_provenance", "write_h5_features",
            "read_h5_features", "TILE_FEATURE_SUFFIXES", "FEATURE_FILE_FORMATS"]  # fmt: skip

@@ -55,11 +55,11 @@ def write_maps(tiles_source: Path, slide_ids, attention, out_dir: Path) -> list[
     """Heat map + GeoJSON for every slide of ``slide_ids`` that the tile manifest holds."""
     from ..data.slides import open_slide
     from ..data.tissue import detect_tissue
-    from ..features import _read_manifest
+    from ..features import read_tile_manifest
     from ..paths import child_path
     from ..slide_maps import save_tile_heatmap, tile_table, write_qupath_geojson
 
-    manifest = _read_manifest(tiles_source)
+    manifest = read_tile_manifest(tiles_source)
     written = []
     for slide_id, weights in zip(slide_ids, attention):
         rows = manifest[manifest["slide_id"] == slide_id]
