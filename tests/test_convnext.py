@@ -187,3 +187,14 @@ def test_export_to_transformers_convnext_gives_identical_unmasked_outputs(tissue
         ours, theirs = encoder(tissue_tiles[:2], output_hidden_states=True), reference(tissue_tiles[:2], output_hidden_states=True)
     assert torch.equal(ours.pooler_output, theirs.pooler_output)
     assert all(torch.equal(a, b) for a, b in zip(ours.hidden_states, theirs.hidden_states))
+
+
+def test_objective_fcmae_and_the_config_family_must_agree():
+    from histomim.training.pretrain import load_model_config
+
+    cnn = load_model_config(PretrainArguments(config="histomim-convnext-nano-nuclei", objective="fcmae", data="x"), None)
+    assert isinstance(cnn, HistoMIMConvNextConfig) and cnn.patch_size == 4 and cnn.num_patches == 64
+    with pytest.raises(ValueError, match="--objective fcmae needs a ConvNeXt --config.*'histomim-vit-nano-nuclei'"):
+        load_model_config(PretrainArguments(config="histomim-vit-nano-nuclei", objective="fcmae", data="x"), None)
+    with pytest.raises(ValueError, match="--objective mae needs a ViT --config"):
+        load_model_config(PretrainArguments(config="histomim-convnext-nano-nuclei", objective="mae", data="x"), None)

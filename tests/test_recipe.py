@@ -14,7 +14,7 @@ from histomim.data.samples import sample_nuclei_pairs
 from histomim.evaluation import EvaluationSettings, nucleus_crops
 from histomim.evaluation.data import LabelledImages
 from histomim.evaluation.learning_curve import learning_curve, paired_summary, repeated_split_scores
-from histomim.evaluation.recipe import cut_slide_tiles, main, nucleus_pools, objectives_table, parse_args
+from histomim.evaluation.recipe import cut_slide_tiles, main, nucleus_pools, objectives_table, parse_args, preset_for
 
 SETTINGS = EvaluationSettings(pooling="mean", protocols=("linear", "knn"), knn_k=3)
 
@@ -74,6 +74,28 @@ def test_learning_curve_pairs_every_checkpoint_with_the_twin_on_the_same_splits(
     assert points[1]["scores"] == points[0]["scores"]
     assert points[1]["summary"]["linear"]["difference_std"] == 0 and points[1]["summary"]["knn"]["tied"] == 1.0
     assert points[2]["scores"] != points[0]["scores"] and points[2]["summary"]["linear"]["splits"] == 3
+
+
+def test_learning_curve_reads_convnext_checkpoints(nuclei, tmp_path):
+    from safetensors.torch import save_file
+
+    from histomim import HistoMIMConvNextConfig, HistoMIMConvNextForPreTraining, HistoMIMConvNextModel
+    from histomim.evaluation.embeddings import random_init_twin
+    from histomim.evaluation.learning_curve import checkpoint_encoder
+
+    config = HistoMIMConvNextConfig(image_size=32, stem_size=1, depths=[1, 1], hidden_sizes=[8, 16], decoder_hidden_size=8)
+    twin = random_init_twin(config, seed=0)
+    torch.manual_seed(1)
+    trained = HistoMIMConvNextForPreTraining(config).state_dict()  # the pretraining model: encoder + decoder
+    folder = tmp_path / "checkpoints" / "step_00000010"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trained.items()}, str(folder / "model.safetensors"))
+    encoder = checkpoint_encoder(folder, config)
+    assert isinstance(encoder, HistoMIMConvNextModel)
+    assert all(torch.equal(v, trained[f"histomim.{k}"]) for k, v in encoder.state_dict().items())
+    points = learning_curve(tmp_path, nucleus_pools(nuclei)["tune"], SETTINGS, split_seeds=range(2), config=config)
+    assert [p["step"] for p in points] == [0, 10] and points[1]["scores"] != points[0]["scores"]
+    assert not any(torch.equal(v, twin.state_dict()[k]) for k, v in encoder.state_dict().items() if v.numel() > 1 and v.std() > 0)
 
 
 def test_nucleus_pools_are_disjoint_stratified_and_fixed(nuclei):
@@ -140,3 +162,5 @@ def test_recipe_command_line(capsys):
         parse_args(["--layer", "top"])
     with pytest.raises(SystemExit):
         parse_args(["--objective", "tokenizer"])  # the tokenizer is trained for beit, not a recipe of its own
+    assert preset_for("fcmae") == "histomim-convnext-nano-nuclei" and preset_for("beit") == "histomim-vit-nano-nuclei"
+    assert parse_args(["--objective", "fcmae", "--resume"]).resume and not parse_args([]).resume

@@ -42,13 +42,15 @@ def checkpoint_steps(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def checkpoint_encoder(checkpoint: str | Path, config):
-    """The `HistoMIMModel` encoder saved in a pretraining checkpoint (its objective head is left out)."""
+    """The encoder (`AutoModel` of ``config``: a `HistoMIMModel`, or the ConvNeXt's) saved in a pretraining
+    checkpoint, its objective head left out."""
     from safetensors.torch import load_file
+    from transformers import AutoModel
 
-    from ..mim import HistoMIMModel
+    import histomim  # noqa: F401  (registers the Auto classes)
 
     state = load_file(str(Path(checkpoint) / "model.safetensors"))
-    encoder = HistoMIMModel(config)
+    encoder = AutoModel.from_config(config)
     # the encoder's own weights only: SimMIM/BEiT/latent checkpoints also hold the mask token, which inference
     # never uses; a weight the encoder needs and the checkpoint lacks still fails the strict load
     wanted = encoder.state_dict().keys()

@@ -10,7 +10,8 @@ nucleus-type probes of every checkpoint against the random-init twin over repeat
    64 px tiles at half-tile stride, and the CMU-1 sample slide's tissue tiles at 0.25 and 0.5 um/px (64 px);
    the pretraining crop (scale 0.2-1) brings them to the 32 px of the nucleus crops;
 2. `histomim pretrain --config histomim-vit-nano-nuclei --data <tiles>` with a checkpoint every
-   ``--checkpointing-steps`` (``--objective beit`` first trains a pixel tokenizer, `train_tokenizer`);
+   ``--checkpointing-steps`` (``--objective beit`` first trains a pixel tokenizer, `train_tokenizer`;
+   ``--objective fcmae`` trains the ConvNeXt preset histomim-convnext-nano-nuclei instead);
 3. `learning_curve` on one pool of the 125 labelled nuclei (`nucleus_pools`): linear probe and kNN on
    ``--pooling``/``--layer`` features (default: the mean patch token after block 2) over ``--split-seeds``
    stratified splits, step 0 being the twin.
@@ -26,6 +27,10 @@ import json
 from pathlib import Path
 
 PRESET = "histomim-vit-nano-nuclei"
+# the ConvNeXt of the same size for FCMAE: 32 px, a 1 px stem and 3 stages (stride 4), so its mask unit and
+# its last feature map (8 x 8) are the ViT's 4 px patches and token grid
+CNN_PRESET = "histomim-convnext-nano-nuclei"
+OBJECTIVES = ("mae", "simmim", "latent", "beit", "fcmae")
 # the recipe's defaults, chosen on the tuning pool (docs/evaluation.md says how); never on the reported nuclei
 RECIPE = {"objective": "mae", "max_steps": 300, "checkpointing_steps": 100, "batch_size": 64, "base_lr": 1.5e-3,
           "pooling": "mean", "layer": 2}  # fmt: skip
@@ -114,6 +119,11 @@ def train_tokenizer(tiles: Path, output_dir: Path, args) -> Path:
     return output_dir
 
 
+def preset_for(objective: str) -> str:
+    """The recipe's model for an objective: the ViT nano preset, or its ConvNeXt counterpart for FCMAE."""
+    return CNN_PRESET if objective == "fcmae" else PRESET
+
+
 def layer_choice(value: str) -> int | None:
     """``--layer``: an index of ``hidden_states``, or ``last`` (None: the final normalised output)."""
     if value == "last":
@@ -127,10 +137,12 @@ def layer_choice(value: str) -> int | None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/nano-nuclei"), help="the pretraining run")
-    parser.add_argument("--objective", choices=("mae", "simmim", "latent", "beit"), default=RECIPE["objective"],
-                        help="pretraining objective (default: %(default)s); each keeps its usual mask ratio")  # fmt: skip
+    parser.add_argument("--objective", choices=OBJECTIVES, default=RECIPE["objective"],
+                        help="pretraining objective (default: %(default)s); each keeps its usual mask ratio; fcmae "
+                        f"trains the ConvNeXt of the same size ({CNN_PRESET})")  # fmt: skip
     parser.add_argument("--mask-ratio", type=float, default=None,
-                        help="override the objective's mask ratio (MAE/SimMIM 0.5 in the preset, BEiT 0.4, latent 0.6)")  # fmt: skip
+                        help="override the objective's mask ratio (MAE/SimMIM 0.5 in the preset, BEiT 0.4, latent 0.6, "
+                        "FCMAE 0.6)")  # fmt: skip
     parser.add_argument("--max-steps", type=int, default=RECIPE["max_steps"], help="pretraining steps (default: %(default)s)")
     parser.add_argument("--checkpointing-steps", type=int, default=RECIPE["checkpointing_steps"],
                         help="a probed checkpoint every N steps (default: %(default)s)")  # fmt: skip
@@ -150,7 +162,10 @@ def parse_args(argv=None):
                         help="probe features: CLS, mean of the patch tokens or both (default: %(default)s)")  # fmt: skip
     parser.add_argument("--layer", type=layer_choice, default=RECIPE["layer"],
                         help="probe features from hidden_states[LAYER] (0: patch embedding, 1..4: the blocks, before the "
-                        "final norm), or 'last': the final normalised output (default: %(default)s)")  # fmt: skip
+                        "final norm; the ConvNeXt: 0 the stem, 1..3 its stages), or 'last': the final normalised "
+                        "output (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted pretraining run from its newest checkpoint (same schedule)")  # fmt: skip
     parser.add_argument("--skip-pretraining", action="store_true", help="only evaluate the checkpoints already in --output-dir")
     parser.add_argument("--figure", type=Path, default=None,
                         help="learning-curve PNG (default: <output-dir>/learning_curve_<pool>_<features>.png)")  # fmt: skip
@@ -204,12 +219,14 @@ def main(argv=None) -> int:
         print(objectives_table(args.table, args.table_step))
         return 0
     tiles = args.output_dir.parent / "recipe_tiles"  # shared by the runs of every objective
+    preset = preset_for(args.objective)
     print(f"{recipe_tiles(tiles)} unlabelled H&E tiles in {tiles}")
-    flags = ["--config", PRESET, "--objective", args.objective, "--data", str(tiles), "--output-dir", str(args.output_dir),
+    flags = ["--config", preset, "--objective", args.objective, "--data", str(tiles), "--output-dir", str(args.output_dir),
              "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size), "--base-lr", str(args.base_lr),
              "--checkpointing-steps", str(args.checkpointing_steps), "--checkpoints-total-limit", "1000",
              "--reconstruction-steps", "0", "--seed", str(args.seed), "--cpu"]  # fmt: skip
     flags += ["--mask-ratio", str(args.mask_ratio)] if args.mask_ratio is not None else []
+    flags += ["--resume-from-checkpoint", "latest"] if args.resume else []
     if args.objective == "beit":
         flags += ["--tokenizer", str(train_tokenizer(tiles, args.output_dir.parent / f"{args.output_dir.name}-tokenizer", args))]
     pretrain_args = parse_pretrain_arguments(flags)
@@ -222,10 +239,10 @@ def main(argv=None) -> int:
     points = learning_curve(args.output_dir, nuclei, settings, split_seeds=range(args.split_seeds), config=config)
     name = f"learning_curve_{args.pool}_{settings.features.replace('/', '-')}"  # e.g. learning_curve_report_mean-last
     figure = args.figure or args.output_dir / f"{name}.png"
-    title = (f"{PRESET}, {config.objective.upper()} mask {config.mask_ratio}: nucleus type, {args.pool} pool "
+    title = (f"{preset}, {config.objective.upper()} mask {config.mask_ratio}: nucleus type, {args.pool} pool "
              f"({len(nuclei)} nuclei), {settings.features} features, {args.split_seeds} splits")  # fmt: skip
     save_learning_curve_plot(points, figure, title=title)
-    report = {"preset": config_source(PRESET), "objective": config.objective, "mask_ratio": config.mask_ratio,
+    report = {"preset": config_source(preset), "objective": config.objective, "mask_ratio": config.mask_ratio,
               "pretraining": vars(pretrain_args), "data": nuclei.description, "settings": vars(settings),
               "split_seeds": list(range(args.split_seeds)), "points": points}  # fmt: skip
     save_report(report, args.output_dir / f"{name}.json")
@@ -240,4 +257,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "nucleus_pools", "train_tokenizer", "objectives_table", "main"]
+__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "nucleus_pools", "train_tokenizer", "preset_for", "objectives_table",
+           "main"]

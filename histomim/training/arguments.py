@@ -66,11 +66,12 @@ class PretrainArguments:
     output_dir: str = HfArg(
         default=DEFAULT_OUTPUT_DIR, help=f"Where the model, plots and checkpoints go (default: {DEFAULT_OUTPUT_DIR})."
     )
-    objective: Literal["mae", "simmim", "beit", "latent", "tokenizer"] | None = HfArg(
+    objective: Literal["mae", "simmim", "beit", "latent", "tokenizer", "fcmae"] | None = HfArg(
         default=None,
         help="Pretraining objective (default: the config's): mae, simmim, beit (predicts the codes of --tokenizer), "
-        "latent (regresses an EMA teacher's features), or tokenizer (trains a visual tokenizer for beit, distilling "
-        "--teacher, or reconstructing pixels without one). See docs/mim_family.md.",
+        "latent (regresses an EMA teacher's features), tokenizer (trains a visual tokenizer for beit, distilling "
+        "--teacher, or reconstructing pixels without one), or fcmae (a ConvNeXt --config only, e.g. "
+        "histomim-convnext-atto). See docs/mim_family.md.",
     )
     tokenizer: str | None = HfArg(
         default=None,

@@ -159,6 +159,10 @@ def load_model_config(args: PretrainArguments, tile_mpp: float | None) -> HistoM
         raise ValueError(
             f"--config {args.config!r} is a {settings.get('model_type')!r} config, not one of {', '.join(map(repr, MODEL_FAMILIES))}"
         )
+    cnn = settings["model_type"] == HistoMIMConvNextConfig.model_type
+    if args.objective is not None and (args.objective == "fcmae") != cnn:
+        needs = "a ConvNeXt --config (e.g. histomim-convnext-atto)" if not cnn else "a ViT --config (e.g. histomim-vit-tiny16)"
+        raise ValueError(f"--objective {args.objective} needs {needs}; --config {args.config!r} is a {settings['model_type']!r} model")
     if args.init_from and settings["model_type"] != HistoMIMConfig.model_type:
         raise ValueError(f"--init-from starts ViT encoders; --config {args.config!r} is a {settings['model_type']!r} model")
     if args.init_from:  # the encoder's architecture is the source's
