@@ -4,6 +4,7 @@ side-by-side table and the command line. Behaviour only; the recipe's figures ar
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from histomim.data.samples import sample_nuclei_pairs
 from histomim.evaluation import EvaluationSettings, nucleus_crops
 from histomim.evaluation.data import LabelledImages
 from histomim.evaluation.learning_curve import learning_curve, paired_summary, repeated_split_scores
-from histomim.evaluation.recipe import cut_slide_tiles, main, nucleus_pools, objectives_table, parse_args, preset_for
+from histomim.evaluation.recipe import (chosen_by_rule, cut_slide_tiles, main, nucleus_pools, objectives_table,
+                                       parse_args, preset_for, select_recipe, selection_table)
 
 SETTINGS = EvaluationSettings(pooling="mean", protocols=("linear", "knn"), knn_k=3)
 
@@ -96,6 +98,45 @@ def test_learning_curve_reads_convnext_checkpoints(nuclei, tmp_path):
     points = learning_curve(tmp_path, nucleus_pools(nuclei)["tune"], SETTINGS, split_seeds=range(2), config=config)
     assert [p["step"] for p in points] == [0, 10] and points[1]["scores"] != points[0]["scores"]
     assert not any(torch.equal(v, twin.state_dict()[k]) for k, v in encoder.state_dict().items() if v.numel() > 1 and v.std() > 0)
+
+
+def test_the_selection_rule_needs_both_probes_positive_then_the_best_linear():
+    def row(linear, knn):
+        return {"summary": {"linear": {"difference_mean": linear}, "knn": {"difference_mean": knn}}}
+
+    rows = [row(0.09, -0.01), row(0.04, 0.10), row(0.06, 0.01), row(0.0, 0.2)]
+    assert chosen_by_rule(rows) is rows[2]  # 0.09 has a negative kNN difference; 0.0 is not positive
+    assert chosen_by_rule([row(0.1, 0.0), row(-0.1, 0.3)]) is None
+
+
+def test_select_recipe_probes_each_final_checkpoint_with_every_feature(nuclei, tmp_path):
+    from safetensors.torch import save_file
+
+    from histomim import HistoMIMConvNextConfig, HistoMIMForPreTraining
+    from histomim.evaluation.embeddings import random_init_twin
+
+    vit = tiny_config(image_size=32, patch_size=8)
+    cnn = HistoMIMConvNextConfig(image_size=32, stem_size=1, depths=[1, 1], hidden_sizes=[8, 16], decoder_hidden_size=8)
+    runs = []
+    for name, config in (("vit", vit), ("cnn", cnn)):
+        run = tmp_path / name
+        config.save_pretrained(run)
+        twin = {f"histomim.{k}": v for k, v in random_init_twin(config, seed=0).state_dict().items()}
+        torch.manual_seed(1)
+        other = HistoMIMForPreTraining(config).state_dict() if name == "vit" else {k: v + 0.05 * torch.randn_like(v) for k, v in twin.items()}
+        for step, state in ((5, other), (10, twin)):  # the final checkpoint holds the twin's weights
+            folder = run / "checkpoints" / f"step_{step:08d}"
+            folder.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+        runs.append(run)
+    features = (("mean", 1), ("mean", None), ("cls+mean", 1))
+    selection = select_recipe(runs, nucleus_pools(nuclei)["tune"], range(2), features=features)
+    assert [(Path(r["run"]).name, r["features"]) for r in selection["rows"]] == [
+        ("vit", "mean/layer1"), ("vit", "mean/last"), ("vit", "cls+mean/layer1"), ("cnn", "mean/layer1"), ("cnn", "mean/last")]
+    assert {r["step"] for r in selection["rows"]} == {10}  # the final checkpoint only
+    assert all(r["summary"]["linear"]["difference_mean"] == 0 for r in selection["rows"])  # it is the twin
+    assert selection["chosen"] is None and "tuning pool" in selection["rule"]
+    assert selection_table(selection).count("\n") == 1 + len(selection["rows"])
 
 
 def test_nucleus_pools_are_disjoint_stratified_and_fixed(nuclei):

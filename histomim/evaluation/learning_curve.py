@@ -106,14 +106,23 @@ def learning_curve(
     settings: EvaluationSettings,
     split_seeds: Iterable[int] = range(20),
     config=None,
+    steps: Iterable[int] | None = None,
 ) -> list[dict]:
-    """[`curve_point`] for step 0 (the random-init twin) and every checkpoint of ``run_dir``, each embedded once
-    with ``settings``' pooling and layer and probed on the same ``split_seeds`` splits."""
+    """[`curve_point`] for step 0 (the random-init twin) and every checkpoint of ``run_dir`` (or those of
+    ``steps``), each embedded once with ``settings``' pooling and layer and probed on the same ``split_seeds``
+    splits."""
     from tqdm.auto import tqdm
+    from transformers import AutoConfig
 
-    from ..mim import HistoMIMConfig
+    import histomim  # noqa: F401  (registers the Auto classes)
 
-    config = config or HistoMIMConfig.from_pretrained(run_dir)
+    config = config or AutoConfig.from_pretrained(str(run_dir))
+    checkpoints = checkpoint_steps(run_dir)
+    if steps is not None:
+        steps = set(steps)
+        if missing := steps - {step for step, _ in checkpoints}:
+            raise ValueError(f"{run_dir}: no checkpoint at step(s) {sorted(missing)}; it has {[s for s, _ in checkpoints]}")
+        checkpoints = [(step, folder) for step, folder in checkpoints if step in steps]
     split_seeds = list(split_seeds)
     processor = image_processor(None, config)
 
@@ -124,7 +133,7 @@ def learning_curve(
 
     baseline = scores_of(random_init_twin(config, settings.baseline_seed))
     points = [curve_point(0, baseline, baseline)]
-    for step, folder in tqdm(checkpoint_steps(run_dir), desc="evaluating checkpoints", unit="checkpoint"):
+    for step, folder in tqdm(checkpoints, desc="evaluating checkpoints", unit="checkpoint"):
         points.append(curve_point(step, scores_of(checkpoint_encoder(folder, config)), baseline))
     return points
 

@@ -5,6 +5,7 @@ nucleus-type probes of every checkpoint against the random-init twin over repeat
     python scripts/nucleus_recipe.py --output-dir outputs/nano-nuclei --pool tune --skip-pretraining
     python scripts/nucleus_recipe.py --objective simmim --output-dir outputs/nano-simmim   # another objective
     python scripts/nucleus_recipe.py --table outputs/nano-*/learning_curve_report_mean-last.json  # side by side
+    python scripts/nucleus_recipe.py --select outputs/nano-*/    # choose run and features on the tuning pool
 
 1. tiles (`recipe_tiles`): the three unlabelled cellseg H&E images (not the labelled patches) cut into 48 and
    64 px tiles at half-tile stride, and the CMU-1 sample slide's tissue tiles at 0.25 and 0.5 um/px (64 px);
@@ -35,6 +36,10 @@ OBJECTIVES = ("mae", "simmim", "latent", "beit", "fcmae")
 RECIPE = {"objective": "mae", "max_steps": 300, "checkpointing_steps": 100, "batch_size": 64, "base_lr": 1.5e-3,
           "pooling": "mean", "layer": 2}  # fmt: skip
 POOLS = ("tune", "report")
+# the probed features `select_recipe` tries on every run: (pooling, index of hidden_states or None: the final output)
+FEATURE_CANDIDATES = (("mean", 1), ("mean", 2), ("mean", 3), ("mean", None), ("cls+mean", 2))
+SELECTION_RULE = ("on the tuning pool, at each run's final checkpoint: among the (run, features) whose linear-probe "
+                  "and kNN paired differences to the twin are both positive, the largest linear-probe difference")
 POOL_SEED, TUNE_FRACTION = 0, 0.4  # the fixed partition of the nuclei into the tuning and the reported pool
 TILE_SIZES = (48, 64)
 # (um/px, tile px) of the CMU-1 sample slide's tissue tiles: 0.25 um/px (the slide's 0.5 upsampled x2) is about
@@ -171,9 +176,64 @@ def parse_args(argv=None):
                         help="learning-curve PNG (default: <output-dir>/learning_curve_<pool>_<features>.png)")  # fmt: skip
     parser.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
                         help="print the side-by-side table of these learning_curve_*.json reports and exit")  # fmt: skip
+    parser.add_argument("--select", type=Path, nargs="+", default=None, metavar="RUN",
+                        help="probe the final checkpoint of each finished RUN with every candidate feature on the "
+                        "tuning pool, print the table and the choice of the recipe's rule, write "
+                        "recipe_selection.json beside the first run, and exit")  # fmt: skip
     parser.add_argument("--table-step", type=int, default=None,
                         help="with --table: compare the runs at this checkpoint (default: each run's last)")  # fmt: skip
     return parser.parse_args(argv)
+
+
+def probe_settings(pooling: str, layer: int | None):
+    """The recipe's probes: linear and cosine kNN (k=10) on ``pooling`` features of ``hidden_states[layer]``."""
+    from .harness import EvaluationSettings
+
+    return EvaluationSettings(pooling=pooling, layer=layer, protocols=("linear", "knn"), knn_k=10)
+
+
+def select_recipe(runs: list[Path], nuclei, split_seeds, features=FEATURE_CANDIDATES) -> dict:
+    """Every run's final checkpoint probed with every candidate feature on ``nuclei`` (the tuning pool), beside
+    its random-init twin on the same splits, and the one `SELECTION_RULE` picks (None if none qualifies)."""
+    from transformers import AutoConfig
+
+    from .learning_curve import checkpoint_steps, learning_curve
+
+    rows = []
+    for run in runs:
+        config = AutoConfig.from_pretrained(str(run))
+        if not checkpoint_steps(run):
+            raise ValueError(f"--select {run}: no finished checkpoint in {run}/checkpoints")
+        last = checkpoint_steps(run)[-1][0]
+        for pooling, layer in features:
+            if pooling == "cls+mean" and config.model_type == "histomim_convnext":
+                continue  # feature maps have no CLS token
+            settings = probe_settings(pooling, layer)
+            twin, point = learning_curve(run, nuclei, settings, split_seeds, config=config, steps=[last])
+            rows.append({"run": str(run), "objective": config.objective, "mask_ratio": config.mask_ratio,
+                         "features": settings.features, "step": last, "summary": point["summary"],
+                         "twin": twin["summary"]})  # fmt: skip
+    return {"rule": SELECTION_RULE, "data": nuclei.description, "split_seeds": list(split_seeds), "rows": rows,
+            "chosen": chosen_by_rule(rows)}  # fmt: skip
+
+
+def chosen_by_rule(rows: list[dict]) -> dict | None:
+    """`SELECTION_RULE` over `select_recipe` rows: both paired differences positive, then the largest linear one."""
+    eligible = [row for row in rows if all(row["summary"][p]["difference_mean"] > 0 for p in ("linear", "knn"))]
+    return max(eligible, key=lambda row: row["summary"]["linear"]["difference_mean"], default=None)
+
+
+def selection_table(selection: dict) -> str:
+    """The markdown table of `select_recipe`'s rows (run, objective, features), the chosen one in bold."""
+    lines = ["| run | objective (mask ratio), features | steps | linear probe | random init | paired difference | "
+             "splits won | kNN | random init | paired difference | splits won |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in selection["rows"]:
+        name = f"{row['objective']} ({row['mask_ratio']}), {row['features']}"
+        knn = format_row("", row, "knn").split("|")[3:]
+        run = Path(row["run"]).name
+        lines.append(f"| {'**' + run + '**' if row is selection['chosen'] else run} " + format_row(name, row, "linear") + "|".join(knn))
+    return "\n".join(lines)
 
 
 def format_row(name: str, point: dict, protocol: str) -> str:
@@ -211,12 +271,20 @@ def main(argv=None) -> int:
     from ..training.arguments import parse_pretrain_arguments
     from ..training.pretrain import load_model_config, pretrain
     from .data import nucleus_crops
-    from .harness import EvaluationSettings, save_report
+    from .harness import save_report
     from .learning_curve import learning_curve, save_learning_curve_plot
 
     args = parse_args(argv)
     if args.table:
         print(objectives_table(args.table, args.table_step))
+        return 0
+    if args.select:  # always on the tuning pool: the reported nuclei never choose anything
+        nuclei = nucleus_pools(nucleus_crops(sample_nuclei_pairs(), crop_size=32))["tune"]
+        selection = select_recipe(args.select, nuclei, range(args.split_seeds))
+        save_report(selection, args.select[0].parent / "recipe_selection.json")
+        chosen = selection["chosen"]
+        print(f"{selection_table(selection)}\n\nrule: {SELECTION_RULE}")
+        print(f"chosen: {chosen['run']} with {chosen['features']} features" if chosen else "chosen: none qualifies")
         return 0
     tiles = args.output_dir.parent / "recipe_tiles"  # shared by the runs of every objective
     preset = preset_for(args.objective)
@@ -235,7 +303,7 @@ def main(argv=None) -> int:
     config = load_model_config(pretrain_args, None)
 
     nuclei = nucleus_pools(nucleus_crops(sample_nuclei_pairs(), crop_size=32))[args.pool]
-    settings = EvaluationSettings(pooling=args.pooling, layer=args.layer, protocols=("linear", "knn"), knn_k=10)
+    settings = probe_settings(args.pooling, args.layer)
     points = learning_curve(args.output_dir, nuclei, settings, split_seeds=range(args.split_seeds), config=config)
     name = f"learning_curve_{args.pool}_{settings.features.replace('/', '-')}"  # e.g. learning_curve_report_mean-last
     figure = args.figure or args.output_dir / f"{name}.png"
@@ -257,5 +325,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "nucleus_pools", "train_tokenizer", "preset_for", "objectives_table",
-           "main"]
+__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "nucleus_pools", "train_tokenizer", "preset_for", "probe_settings",
+           "select_recipe", "chosen_by_rule", "selection_table", "objectives_table", "main"]
