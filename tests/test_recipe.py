@@ -14,7 +14,7 @@ from conftest import tiny_config
 from histomim.data.samples import sample_nuclei_pairs
 from histomim.evaluation import EvaluationSettings, nucleus_crops
 from histomim.evaluation.data import LabelledImages
-from histomim.evaluation.learning_curve import learning_curve, paired_summary, repeated_split_scores
+from histomim.evaluation.learning_curve import corrected_paired_p, learning_curve, paired_summary, repeated_split_scores
 from histomim.evaluation.recipe import (chosen_by_rule, cut_slide_tiles, main, nucleus_pools, objectives_table,
                                        parse_args, preset_for, select_recipe, selection_table)
 
@@ -36,8 +36,25 @@ def test_paired_summary_known_answer():
     assert summary["difference_mean"] == pytest.approx(0.075)  # (0.2 + 0 + 0.3 - 0.2) / 4
     assert summary["difference_std"] == pytest.approx(np.std([0.2, 0.0, 0.3, -0.2]))
     assert summary["won"] == 0.5 and summary["tied"] == 0.25 and summary["splits"] == 4
+    assert summary["p_value"] is None  # no test fraction given
     with pytest.raises(ValueError, match="same, non-zero number of splits"):
         paired_summary([0.5, 0.6], [0.5])
+
+
+def test_corrected_t_test_known_answer_and_its_floor():
+    from scipy import stats
+
+    difference = np.array([0.2, 0.0, 0.3, -0.2])  # mean 0.075, sample std 0.2217
+    t = 0.075 / np.sqrt(np.var(difference, ddof=1) * (1 / 4 + 0.3 / 0.7))  # Nadeau & Bengio's variance
+    assert corrected_paired_p(difference, 0.3) == pytest.approx(stats.t.sf(t, 3))
+    assert paired_summary([0.8, 0.6, 0.7, 0.5], [0.6, 0.6, 0.4, 0.7], 0.3)["p_value"] == pytest.approx(stats.t.sf(t, 3))
+    # more splits of the same images cannot make a difference certain: the n_test / n_train term remains
+    noisy = np.random.default_rng(0).normal(0.06, 0.09, 10_000)
+    plain = stats.ttest_1samp(noisy, 0, alternative="greater").pvalue
+    assert plain < 1e-6 < 0.1 < corrected_paired_p(noisy, 0.3)
+    assert corrected_paired_p(np.full(5, 0.1), 0.3) == 0.0 and corrected_paired_p(np.zeros(5), 0.3) == 1.0
+    with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\), got 1.5"):
+        corrected_paired_p(difference, 1.5)
 
 
 def test_repeated_splits_score_each_seed_and_pair_encoders():
@@ -172,19 +189,21 @@ def test_cut_slide_tiles_writes_the_manifest_tiles_at_each_resolution(sample_sli
 
 def test_objectives_table_puts_each_run_beside_its_twin(tmp_path):
     def report(objective, model, twin):
-        first = {"step": 0, "summary": {p: paired_summary(twin, twin) for p in ("linear", "knn")}}
-        last = {"step": 300, "summary": {p: paired_summary(model, twin) for p in ("linear", "knn")}}
+        points = [{"step": 0, "scores": {p: twin for p in ("linear", "knn")}},
+                  {"step": 300, "scores": {p: model for p in ("linear", "knn")}}]  # fmt: skip
         path = tmp_path / f"{objective}.json"
-        path.write_text(json.dumps({"objective": objective, "mask_ratio": 0.5, "points": [first, last]}))
+        settings = {"pooling": "mean", "layer": 2, "test_size": 0.3}
+        path.write_text(json.dumps({"objective": objective, "mask_ratio": 0.5, "settings": settings, "points": points}))
         return path
 
     table = objectives_table([report("mae", [0.8, 0.7], [0.6, 0.6]), report("simmim", [0.5, 0.6], [0.6, 0.6])])
     lines = table.splitlines()
-    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == 11
-    assert lines[2].startswith("| mae (0.5) | 300 | 0.750 ± 0.050 | 0.600 ± 0.000 | +0.150 ± 0.050 | 2/2 |")
+    assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 14
+    p_mae = corrected_paired_p(np.array([0.2, 0.1]), 0.3)
+    assert lines[2].startswith(f"| {tmp_path.name} | mae (0.5), mean/layer2 | 300 | 0.750 ± 0.050 | 0.600 ± 0.000 | +0.150 ± 0.050 | 2/2 | {p_mae:.3f} |")
     assert "| -0.050 ± 0.050 | 0/2 |" in lines[3]
     at_start = objectives_table([tmp_path / "mae.json"], step=0).splitlines()[2]
-    assert at_start.startswith("| mae (0.5) | 0 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.000 ± 0.000 | 0/2 |")
+    assert at_start.startswith(f"| {tmp_path.name} | mae (0.5), mean/layer2 | 0 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.000 ± 0.000 | 0/2 | 1.000 |")
     with pytest.raises(ValueError, match="mae.json: no checkpoint at step 100; it has steps"):
         objectives_table([tmp_path / "mae.json"], step=100)
 
@@ -194,7 +213,7 @@ def test_recipe_command_line(capsys):
         main(["--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--objective", "--pool", "--split-seeds", "--pooling", "--layer", "--table", "--tokenizer-steps"):
+    for flag in ("--objective", "--tiles", "--pool", "--split-seeds", "--pooling", "--layer", "--table", "--tokenizer-steps"):
         assert flag in text
     args = parse_args([])
     assert (args.objective, args.pool, args.split_seeds, args.layer) == ("mae", "report", 20, 2)
@@ -205,3 +224,22 @@ def test_recipe_command_line(capsys):
         parse_args(["--objective", "tokenizer"])  # the tokenizer is trained for beit, not a recipe of its own
     assert preset_for("fcmae") == "histomim-convnext-nano-nuclei" and preset_for("beit") == "histomim-vit-nano-nuclei"
     assert parse_args(["--objective", "fcmae", "--resume"]).resume and not parse_args([]).resume
+    assert parse_args([]).config is None and parse_args(["--config", "histomim-vit-tiny16"]).config == "histomim-vit-tiny16"
+    assert parse_args([]).tiles == "grid" and parse_args(["--tiles", "nuclei"]).tiles == "nuclei"
+    with pytest.raises(SystemExit):
+        parse_args(["--tiles", "random"])
+
+
+def test_recipe_end_to_end_on_nucleus_centred_tiles(tmp_path, capsys):
+    """The whole command, shortened: nucleus tiles cut from the real unlabelled images, 2 pretraining steps, the
+    tuning pool probed at every checkpoint beside the twin, the report and the figure written."""
+    run = tmp_path / "nano"
+    assert main(["--tiles", "nuclei", "--output-dir", str(run), "--max-steps", "2", "--checkpointing-steps", "1",
+                 "--pool", "tune", "--split-seeds", "2"]) == 0  # fmt: skip
+    tiles = sorted((tmp_path / "recipe_nucleus_tiles").glob("*.png"))
+    assert len(tiles) > 1000 and all("_nucleus40_" in t.name for t in tiles)
+    report = json.loads((run / "learning_curve_tune_mean-layer2.json").read_text())
+    assert report["tiles"] == "nuclei" and [p["step"] for p in report["points"]] == [0, 1, 2]
+    assert all(p["summary"]["linear"]["p_value"] is not None for p in report["points"])
+    assert (run / "learning_curve_tune_mean-layer2.png").stat().st_size > 0
+    assert f"{len(tiles)} unlabelled H&E tiles (nuclei)" in capsys.readouterr().out

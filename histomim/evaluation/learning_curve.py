@@ -6,8 +6,8 @@ random-init twin, on the same labelled images and the same splits, compared spli
 
 One split of a hundred nuclei moves balanced accuracy by several points per nucleus, so every encoder is
 probed on ``split_seeds`` stratified splits (`split_images` with each seed) and reported as mean ± std,
-with the paired difference to the random-init twin *on the same split* (`paired_summary`): its mean, std
-and the fraction of splits won. Step 0 is the twin (`random_init_twin`), so the curve starts at the
+with the paired difference to the random-init twin *on the same split* (`paired_summary`): its mean, std,
+the fraction of splits won and the one-sided p-value of the corrected resampled t-test (`corrected_paired_p`). Step 0 is the twin (`random_init_twin`), so the curve starts at the
 baseline that pretraining has to beat. Checkpoints are read from ``<run>/checkpoints/step-*``
 (`histomim.training.common` writes the model there as ``model.safetensors``).
 """
@@ -80,24 +80,47 @@ def repeated_split_scores(
     return scores
 
 
-def paired_summary(scores: Iterable[float], baseline: Iterable[float]) -> dict:
+def paired_summary(scores: Iterable[float], baseline: Iterable[float], test_fraction: float | None = None) -> dict:
     """Mean and std of ``scores`` over splits, and of the paired difference ``scores - baseline`` (both on the
-    same splits, in the same order), with the fraction of splits where the difference is > 0 (won) and == 0."""
+    same splits, in the same order), with the fraction of splits where the difference is > 0 (won) and == 0;
+    given the splits' ``test_fraction``, also `corrected_paired_p` of the difference (else None)."""
     scores, baseline = np.asarray(list(scores), dtype=float), np.asarray(list(baseline), dtype=float)
     if scores.shape != baseline.shape or scores.size == 0:
         raise ValueError(f"paired scores need the same, non-zero number of splits; got {scores.size} and {baseline.size}")
     difference = scores - baseline
+    p_value = corrected_paired_p(difference, test_fraction) if test_fraction is not None and scores.size > 1 else None
     return {
         "mean": float(scores.mean()), "std": float(scores.std()),
         "difference_mean": float(difference.mean()), "difference_std": float(difference.std()),
         "won": float((difference > 0).mean()), "tied": float((difference == 0).mean()), "splits": int(scores.size),
+        "p_value": p_value,
     }  # fmt: skip
 
 
-def curve_point(step: int, scores: dict[str, list[float]], baseline: dict[str, list[float]]) -> dict:
+def corrected_paired_p(difference: np.ndarray, test_fraction: float) -> float:
+    """One-sided p-value of "the mean paired difference is > 0" over J repeated random splits, by the corrected
+    resampled t-test (Nadeau & Bengio, 2003; the one scikit-learn's model-comparison example uses).
+
+    The splits reuse the same images, so their differences are correlated and the plain t-test's variance of the
+    mean (var / J) is far too small; the correction widens it to var * (1 / J + n_test / n_train), which does not
+    vanish with more splits: only more labelled images make a small difference certain.
+    """
+    from scipy import stats
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    splits, mean, variance = difference.size, float(difference.mean()), float(difference.var(ddof=1))
+    if variance == 0:  # the same difference on every split: certain either way
+        return 0.0 if mean > 0 else 1.0
+    t = mean / np.sqrt(variance * (1 / splits + test_fraction / (1 - test_fraction)))
+    return float(stats.t.sf(t, df=splits - 1))
+
+
+def curve_point(step: int, scores: dict[str, list[float]], baseline: dict[str, list[float]],
+                test_fraction: float | None = None) -> dict:  # fmt: skip
     """One point of a learning curve: the per-split scores and their paired summary against the twin."""
     return {"step": step, "scores": scores,
-            "summary": {p: paired_summary(scores[p], baseline[p]) for p in scores}}  # fmt: skip
+            "summary": {p: paired_summary(scores[p], baseline[p], test_fraction) for p in scores}}  # fmt: skip
 
 
 def learning_curve(
@@ -132,9 +155,9 @@ def learning_curve(
         return repeated_split_scores(features, data, settings, split_seeds)
 
     baseline = scores_of(random_init_twin(config, settings.baseline_seed))
-    points = [curve_point(0, baseline, baseline)]
+    points = [curve_point(0, baseline, baseline, settings.test_size)]
     for step, folder in tqdm(checkpoints, desc="evaluating checkpoints", unit="checkpoint"):
-        points.append(curve_point(step, scores_of(checkpoint_encoder(folder, config)), baseline))
+        points.append(curve_point(step, scores_of(checkpoint_encoder(folder, config)), baseline, settings.test_size))
     return points
 
 
@@ -170,4 +193,4 @@ def save_learning_curve_plot(points: list[dict], path: str | Path, title: str = 
 
 
 __all__ = ["learning_curve", "checkpoint_steps", "checkpoint_encoder", "repeated_split_scores", "paired_summary",
-           "curve_point", "save_learning_curve_plot"]  # fmt: skip
+           "corrected_paired_p", "curve_point", "save_learning_curve_plot"]  # fmt: skip

@@ -33,7 +33,7 @@ PRESET = "histomim-vit-nano-nuclei"
 CNN_PRESET = "histomim-convnext-nano-nuclei"
 OBJECTIVES = ("mae", "simmim", "latent", "beit", "fcmae")
 # the recipe's defaults, chosen on the tuning pool (docs/evaluation.md says how); never on the reported nuclei
-RECIPE = {"objective": "mae", "max_steps": 300, "checkpointing_steps": 100, "batch_size": 64, "base_lr": 1.5e-3,
+RECIPE = {"objective": "mae", "tiles": "grid", "max_steps": 5000, "checkpointing_steps": 1000, "batch_size": 64, "base_lr": 1.5e-3,
           "pooling": "mean", "layer": 2}  # fmt: skip
 POOLS = ("tune", "report")
 # the probed features `select_recipe` tries on every run: (pooling, index of hidden_states or None: the final output)
@@ -45,6 +45,9 @@ TILE_SIZES = (48, 64)
 # (um/px, tile px) of the CMU-1 sample slide's tissue tiles: 0.25 um/px (the slide's 0.5 upsampled x2) is about
 # the scale of the 40x nucleus patches; 0.5 um/px adds context at half that magnification
 SLIDE_RESOLUTIONS = ((0.25, 64), (0.5, 64))
+# ``--tiles nuclei``: tiles centred on detected nuclei, a little larger than the 32 px nucleus crops so that the
+# pretraining crop (area 0.2-1, about 31 px on average) frames them at about the crops' scale
+TILE_CHOICES, NUCLEUS_TILE_SIZE = ("grid", "nuclei"), 40
 
 
 def cut_tiles(images: list[Path], out_dir: Path, sizes=TILE_SIZES) -> int:
@@ -93,6 +96,30 @@ def recipe_tiles(out_dir: Path) -> int:
     from ..data.samples import sample_slide_path, sample_unlabelled_he_dir
 
     return cut_tiles(sorted(sample_unlabelled_he_dir().glob("*.png")), out_dir) + cut_slide_tiles(sample_slide_path(), out_dir)
+
+
+def recipe_nucleus_tiles(out_dir: Path, size: int = NUCLEUS_TILE_SIZE, region: int = 256) -> int:
+    """``--tiles nuclei``: ``size`` px tiles centred on the nuclei `find_nuclei` detects (no labels) in the same
+    unlabelled images as `recipe_tiles`: the three cellseg images at their scale, and the CMU-1 slide's tissue
+    read at 0.25 um/px in ``region`` px squares; returns how many (reused if present)."""
+    from PIL import Image
+
+    from ..data.nuclei import cut_nucleus_tiles
+    from ..data.samples import sample_slide_path, sample_unlabelled_he_dir
+    from ..data.slides import open_slide
+    from ..data.tiles import read_tile
+    from ..data.tiling import tile_manifest
+    from ..data.tissue import detect_tissue
+
+    count = 0
+    for path in sorted(sample_unlabelled_he_dir().glob("*.png")):
+        with Image.open(path) as image:
+            count += cut_nucleus_tiles(image.convert("RGB"), out_dir, path.stem, size)
+    with open_slide(sample_slide_path()) as slide:
+        manifest = tile_manifest(slide, detect_tissue(slide), mpp=0.25, tile_size=region, min_tissue=0.5)
+        for row in manifest.to_dict("records"):
+            count += cut_nucleus_tiles(read_tile(row), out_dir, f"{slide.slide_id}_0.25mpp_{row['x']}_{row['y']}", size)
+    return count
 
 
 def nucleus_pools(data, tune_fraction: float = TUNE_FRACTION, seed: int = POOL_SEED) -> dict:
@@ -145,6 +172,13 @@ def parse_args(argv=None):
     parser.add_argument("--objective", choices=OBJECTIVES, default=RECIPE["objective"],
                         help="pretraining objective (default: %(default)s); each keeps its usual mask ratio; fcmae "
                         f"trains the ConvNeXt of the same size ({CNN_PRESET})")  # fmt: skip
+    parser.add_argument("--config", default=None,
+                        help=f"the model to pretrain: a preset or config folder (default: {PRESET}, {CNN_PRESET} with "
+                        "--objective fcmae)")  # fmt: skip
+    parser.add_argument("--tiles", choices=TILE_CHOICES, default=RECIPE["tiles"],
+                        help="pretraining tiles: 'grid' (48/64 px tiles over the images and the slide's tissue) or "
+                        f"'nuclei' ({NUCLEUS_TILE_SIZE} px tiles centred on nuclei detected without labels, "
+                        "histomim.data.nuclei) (default: %(default)s)")  # fmt: skip
     parser.add_argument("--mask-ratio", type=float, default=None,
                         help="override the objective's mask ratio (MAE/SimMIM 0.5 in the preset, BEiT 0.4, latent 0.6, "
                         "FCMAE 0.6)")  # fmt: skip
@@ -225,43 +259,56 @@ def chosen_by_rule(rows: list[dict]) -> dict | None:
 
 def selection_table(selection: dict) -> str:
     """The markdown table of `select_recipe`'s rows (run, objective, features), the chosen one in bold."""
-    lines = ["| run | objective (mask ratio), features | steps | linear probe | random init | paired difference | "
-             "splits won | kNN | random init | paired difference | splits won |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"| run {TABLE_HEADER}", separator(f"| run {TABLE_HEADER}")]
     for row in selection["rows"]:
         name = f"{row['objective']} ({row['mask_ratio']}), {row['features']}"
-        knn = format_row("", row, "knn").split("|")[3:]
         run = Path(row["run"]).name
-        lines.append(f"| {'**' + run + '**' if row is selection['chosen'] else run} " + format_row(name, row, "linear") + "|".join(knn))
+        lines.append(f"| {'**' + run + '**' if row is selection['chosen'] else run} " + table_cells(name, row))
     return "\n".join(lines)
 
 
-def format_row(name: str, point: dict, protocol: str) -> str:
-    """``name | steps | mean ± std | random init mean ± std | difference mean ± std | won`` of one protocol."""
-    summary, twin = point["summary"][protocol], point["twin"][protocol]
-    return (f"| {name} | {point['step']} | {summary['mean']:.3f} ± {summary['std']:.3f} | {twin['mean']:.3f} ± "
-            f"{twin['std']:.3f} | {summary['difference_mean']:+.3f} ± {summary['difference_std']:.3f} | "
-            f"{round(summary['won'] * summary['splits'])}/{summary['splits']} |")  # fmt: skip
+# a row: both protocols, each as score, twin, paired difference, splits won and the corrected t-test's p
+TABLE_HEADER = ("| objective (mask ratio), features | steps | linear probe | random init | paired difference | splits won | "
+                "p | kNN | random init | paired difference | splits won | p |")  # fmt: skip
+
+
+def separator(header: str) -> str:
+    """The markdown line under ``header``: one ``|---`` per column."""
+    return "|---" * (header.count("|") - 1) + "|"
+
+
+def table_cells(name: str, point: dict) -> str:
+    """``| name | steps |`` and, for the linear probe then kNN, ``mean ± std | twin | difference | won | p |``."""
+    cells = [name, str(point["step"])]
+    for protocol in ("linear", "knn"):
+        summary, twin = point["summary"][protocol], point["twin"][protocol]
+        p_value = summary.get("p_value")  # absent from reports written before it was computed
+        cells += [f"{summary['mean']:.3f} ± {summary['std']:.3f}", f"{twin['mean']:.3f} ± {twin['std']:.3f}",
+                  f"{summary['difference_mean']:+.3f} ± {summary['difference_std']:.3f}",
+                  f"{round(summary['won'] * summary['splits'])}/{summary['splits']}",
+                  "—" if p_value is None else f"{p_value:.3f}"]  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
 
 
 def objectives_table(reports: list[Path], step: int | None = None) -> str:
-    """A markdown table of each recipe run (its JSON report) at checkpoint ``step`` (default: its last) beside its
-    random-init twin."""
-    lines = ["| objective (mask ratio), features | steps | linear probe | random init | paired difference | splits won |"
-             " kNN | random init | paired difference | splits won |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """A markdown table of each recipe run (its JSON report, named by its folder) at checkpoint ``step`` (default: its last) beside its
+    random-init twin, summarised again from the per-split scores (so older reports get their p-values too)."""
+    from .learning_curve import curve_point
+
+    lines = [f"| run {TABLE_HEADER}", separator(f"| run {TABLE_HEADER}")]
     for path in reports:
         report = json.loads(Path(path).read_text())
         points = {point["step"]: point for point in report["points"]}
         if step is not None and step not in points:
             raise ValueError(f"{path}: no checkpoint at step {step}; it has steps {sorted(points)}")
-        last = {**points[report["points"][-1]["step"] if step is None else step], "twin": report["points"][0]["summary"]}
-        name = f"{report['objective']} ({report['mask_ratio']})"
-        if "settings" in report:  # the probed features, e.g. mean/layer2
-            layer = report["settings"]["layer"]
-            name += f", {report['settings']['pooling']}/{'last' if layer is None else f'layer{layer}'}"
-        linear, knn = format_row(name, last, "linear"), format_row("", last, "knn").split("|")[3:]
-        lines.append(linear + "|".join(knn))
+        chosen = points[report["points"][-1]["step"] if step is None else step]
+        test_fraction, twin_scores = report["settings"]["test_size"], report["points"][0]["scores"]
+        point = {**curve_point(chosen["step"], chosen["scores"], twin_scores, test_fraction),
+                 "twin": curve_point(0, twin_scores, twin_scores, test_fraction)["summary"]}  # fmt: skip
+        layer = report["settings"]["layer"]
+        name = (f"{report['objective']} ({report['mask_ratio']}), {report['settings']['pooling']}/"
+                f"{'last' if layer is None else f'layer{layer}'}")  # fmt: skip
+        lines.append(f"| {Path(path).parent.name} " + table_cells(name, point))
     return "\n".join(lines)
 
 
@@ -286,9 +333,11 @@ def main(argv=None) -> int:
         print(f"{selection_table(selection)}\n\nrule: {SELECTION_RULE}")
         print(f"chosen: {chosen['run']} with {chosen['features']} features" if chosen else "chosen: none qualifies")
         return 0
-    tiles = args.output_dir.parent / "recipe_tiles"  # shared by the runs of every objective
-    preset = preset_for(args.objective)
-    print(f"{recipe_tiles(tiles)} unlabelled H&E tiles in {tiles}")
+    # shared by the runs of every objective
+    tiles = args.output_dir.parent / ("recipe_tiles" if args.tiles == "grid" else "recipe_nucleus_tiles")
+    preset = args.config or preset_for(args.objective)
+    count = recipe_tiles(tiles) if args.tiles == "grid" else recipe_nucleus_tiles(tiles)
+    print(f"{count} unlabelled H&E tiles ({args.tiles}) in {tiles}")
     flags = ["--config", preset, "--objective", args.objective, "--data", str(tiles), "--output-dir", str(args.output_dir),
              "--max-steps", str(args.max_steps), "--batch-size", str(args.batch_size), "--base-lr", str(args.base_lr),
              "--checkpointing-steps", str(args.checkpointing_steps), "--checkpoints-total-limit", "1000",
@@ -307,10 +356,10 @@ def main(argv=None) -> int:
     points = learning_curve(args.output_dir, nuclei, settings, split_seeds=range(args.split_seeds), config=config)
     name = f"learning_curve_{args.pool}_{settings.features.replace('/', '-')}"  # e.g. learning_curve_report_mean-last
     figure = args.figure or args.output_dir / f"{name}.png"
-    title = (f"{preset}, {config.objective.upper()} mask {config.mask_ratio}: nucleus type, {args.pool} pool "
+    title = (f"{Path(preset).name}, {config.objective.upper()} mask {config.mask_ratio}: nucleus type, {args.pool} pool "
              f"({len(nuclei)} nuclei), {settings.features} features, {args.split_seeds} splits")  # fmt: skip
     save_learning_curve_plot(points, figure, title=title)
-    report = {"preset": config_source(preset), "objective": config.objective, "mask_ratio": config.mask_ratio,
+    report = {"preset": config_source(preset), "objective": config.objective, "mask_ratio": config.mask_ratio, "tiles": args.tiles,
               "pretraining": vars(pretrain_args), "data": nuclei.description, "settings": vars(settings),
               "split_seeds": list(range(args.split_seeds)), "points": points}  # fmt: skip
     save_report(report, args.output_dir / f"{name}.json")
@@ -325,5 +374,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "nucleus_pools", "train_tokenizer", "preset_for", "probe_settings",
+__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "recipe_nucleus_tiles", "nucleus_pools", "train_tokenizer", "preset_for", "probe_settings",
            "select_recipe", "chosen_by_rule", "selection_table", "objectives_table", "main"]
