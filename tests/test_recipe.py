@@ -147,9 +147,11 @@ def test_select_recipe_probes_each_final_checkpoint_with_every_feature(nuclei, t
             save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
         runs.append(run)
     features = (("mean", 1), ("mean", None), ("cls+mean", 1))
-    selection = select_recipe(runs, nucleus_pools(nuclei)["tune"], range(2), features=features)
-    assert [(Path(r["run"]).name, r["features"]) for r in selection["rows"]] == [
-        ("vit", "mean/layer1"), ("vit", "mean/last"), ("vit", "cls+mean/layer1"), ("cnn", "mean/layer1"), ("cnn", "mean/last")]
+    crops = {32: nucleus_pools(nuclei)["tune"], 48: nucleus_pools(nucleus_crops(sample_nuclei_pairs(), crop_size=48))["tune"]}
+    selection = select_recipe(runs, crops, range(2), features=features)
+    per_crop = ["mean/layer1", "mean/last", "cls+mean/layer1"]
+    assert [(Path(r["run"]).name, r["crop_size"], r["features"]) for r in selection["rows"]] == (
+        [("vit", crop, f) for crop in (32, 48) for f in per_crop] + [("cnn", crop, f) for crop in (32, 48) for f in per_crop[:2]])
     assert {r["step"] for r in selection["rows"]} == {10}  # the final checkpoint only
     assert all(r["summary"]["linear"]["difference_mean"] == 0 for r in selection["rows"])  # it is the twin
     assert selection["chosen"] is None and "tuning pool" in selection["rule"]
@@ -167,6 +169,18 @@ def test_nucleus_pools_are_disjoint_stratified_and_fixed(nuclei):
     again = nucleus_pools(nuclei)["report"]
     assert [np.asarray(a).tobytes() for a in again.images] == [np.asarray(b).tobytes() for b in pools["report"].images]
     assert "report pool (75 of 125" in pools["report"].description
+
+
+def test_context_crops_keep_each_pool_on_the_same_nuclei():
+    # --crop-size 64 must change what the probe sees around each nucleus, never which nuclei are in which pool
+    from histomim.evaluation.recipe import recipe_nuclei
+
+    for pool in ("tune", "report"):
+        bare, context = recipe_nuclei(pool, 32), recipe_nuclei(pool, 64)
+        assert np.array_equal(bare.labels, context.labels) and {image.size for image in context.images} == {(64, 64)}
+        centres = [np.asarray(image)[16:48, 16:48] for image in context.images]  # the middle 32 px of each 64 px crop
+        assert all(np.array_equal(centre, np.asarray(image)) for centre, image in zip(centres, bare.images))
+        assert "64 px nucleus crops" in context.description
 
 
 def test_cut_slide_tiles_writes_the_manifest_tiles_at_each_resolution(sample_slide_path, tmp_path):
@@ -213,8 +227,13 @@ def test_recipe_command_line(capsys):
         main(["--help"])
     assert stop.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--objective", "--tiles", "--pool", "--split-seeds", "--pooling", "--layer", "--table", "--tokenizer-steps"):
+    for flag in ("--objective", "--tiles", "--pool", "--split-seeds", "--pooling", "--layer", "--table", "--tokenizer-steps",
+                 "--crop-size", "--select-features", "--select-crop-sizes"):
         assert flag in text
+    chosen = parse_args(["--select", "run", "--select-features", "mean/2", "cls+mean/last", "--select-crop-sizes", "32", "64"])
+    assert chosen.select_features == [("mean", 2), ("cls+mean", None)] and chosen.select_crop_sizes == [32, 64]
+    with pytest.raises(SystemExit):
+        parse_args(["--select-features", "max/2"])
     args = parse_args([])
     assert (args.objective, args.pool, args.split_seeds, args.layer) == ("mae", "report", 20, 2)
     assert parse_args(["--layer", "last"]).layer is None and parse_args(["--layer", "-1"]).layer == -1

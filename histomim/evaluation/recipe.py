@@ -13,9 +13,9 @@ nucleus-type probes of every checkpoint against the random-init twin over repeat
 2. `histomim pretrain --config histomim-vit-nano-nuclei --data <tiles>` with a checkpoint every
    ``--checkpointing-steps`` (``--objective beit`` first trains a pixel tokenizer, `train_tokenizer`;
    ``--objective fcmae`` trains the ConvNeXt preset histomim-convnext-nano-nuclei instead);
-3. `learning_curve` on one pool of the 125 labelled nuclei (`nucleus_pools`): linear probe and kNN on
-   ``--pooling``/``--layer`` features (default: the mean patch token after block 2) over ``--split-seeds``
-   stratified splits, step 0 being the twin.
+3. `learning_curve` on one pool of the 125 labelled nuclei (`recipe_nuclei`: ``--crop-size`` px centred on each
+   nucleus, brought to the model's 32 px): linear probe and kNN on ``--pooling``/``--layer`` features over
+   ``--split-seeds`` stratified splits, step 0 being the twin.
 
 The nuclei are cut once into two disjoint pools (`nucleus_pools`, stratified, seed 0): ``tune`` (50 nuclei),
 on which the recipe's settings were chosen, and ``report`` (75 nuclei), on which the figures are reported.
@@ -34,10 +34,13 @@ CNN_PRESET = "histomim-convnext-nano-nuclei"
 OBJECTIVES = ("mae", "simmim", "latent", "beit", "fcmae")
 # the recipe's defaults, chosen on the tuning pool (docs/evaluation.md says how); never on the reported nuclei
 RECIPE = {"objective": "mae", "tiles": "grid", "max_steps": 5000, "checkpointing_steps": 1000, "batch_size": 64, "base_lr": 1.5e-3,
-          "pooling": "mean", "layer": 2}  # fmt: skip
+          "pooling": "mean", "layer": 2, "crop_size": 32}  # fmt: skip
 POOLS = ("tune", "report")
 # the probed features `select_recipe` tries on every run: (pooling, index of hidden_states or None: the final output)
 FEATURE_CANDIDATES = (("mean", 1), ("mean", 2), ("mean", 3), ("mean", None), ("cls+mean", 2))
+# the nucleus crops `select_recipe` tries: the bare nucleus at the model's 32 px, or 64 px of context around it brought
+# to 32 px by the image processor, the scale at which the pretraining crop shows the 48-64 px tiles
+CROP_CANDIDATES = (32, 64)
 SELECTION_RULE = ("on the tuning pool, at each run's final checkpoint: among the (run, features) whose linear-probe "
                   "and kNN paired differences to the twin are both positive, the largest linear-probe difference")
 POOL_SEED, TUNE_FRACTION = 0, 0.4  # the fixed partition of the nuclei into the tuning and the reported pool
@@ -136,6 +139,28 @@ def nucleus_pools(data, tune_fraction: float = TUNE_FRACTION, seed: int = POOL_S
     return pools
 
 
+def recipe_nuclei(pool: str, crop_size: int = RECIPE["crop_size"]):
+    """One pool (`nucleus_pools`) of the sample's labelled nuclei as ``crop_size`` px crops centred on each nucleus.
+    The pools hold the same nuclei whatever the crop size: the partition depends on the labels only."""
+    from ..data.samples import sample_nuclei_pairs
+    from .data import nucleus_crops
+
+    return nucleus_pools(nucleus_crops(sample_nuclei_pairs(), crop_size=crop_size))[pool]
+
+
+def feature_name(pooling: str, layer: int | None) -> str:
+    """The ``--select-features`` spelling of a candidate: ``mean/2``, ``mean/last``."""
+    return f"{pooling}/{'last' if layer is None else layer}"
+
+
+def feature_choice(value: str) -> tuple[str, int | None]:
+    """``--select-features`` item ``POOLING/LAYER`` (e.g. ``mean/2``, ``mean/last``) -> (pooling, layer or None)."""
+    pooling, _, layer = value.partition("/")
+    if pooling not in ("cls", "mean", "cls+mean") or not layer:
+        raise argparse.ArgumentTypeError(f"--select-features takes POOLING/LAYER such as mean/2 or cls+mean/last, not {value!r}")
+    return pooling, layer_choice(layer)
+
+
 def train_tokenizer(tiles: Path, output_dir: Path, args) -> Path:
     """The pixel tokenizer (VQ-VAE, ``--codebook-size`` codes) that BEiT's targets come from, trained on the same
     tiles with the same batch and seed for ``--tokenizer-steps``; reused if ``output_dir`` holds one."""
@@ -203,6 +228,10 @@ def parse_args(argv=None):
                         help="probe features from hidden_states[LAYER] (0: patch embedding, 1..4: the blocks, before the "
                         "final norm; the ConvNeXt: 0 the stem, 1..3 its stages), or 'last': the final normalised "
                         "output (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--crop-size", type=int, default=RECIPE["crop_size"],
+                        help="nucleus crops of this many px centred on each nucleus, brought to the model's 32 px by its "
+                        "image processor: 32 is the bare nucleus, 64 adds the tissue around it at the scale the "
+                        "pretraining crop shows the tiles (default: %(default)s)")  # fmt: skip
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted pretraining run from its newest checkpoint (same schedule)")  # fmt: skip
     parser.add_argument("--skip-pretraining", action="store_true", help="only evaluate the checkpoints already in --output-dir")
@@ -214,6 +243,12 @@ def parse_args(argv=None):
                         help="probe the final checkpoint of each finished RUN with every candidate feature on the "
                         "tuning pool, print the table and the choice of the recipe's rule, write "
                         "recipe_selection.json beside the first run, and exit")  # fmt: skip
+    parser.add_argument("--select-features", type=feature_choice, nargs="+", default=list(FEATURE_CANDIDATES),
+                        metavar="POOLING/LAYER",
+                        help="with --select: the candidate features, e.g. mean/2 mean/last cls+mean/2 (default: "
+                        f"{' '.join(feature_name(*feature) for feature in FEATURE_CANDIDATES)})")  # fmt: skip
+    parser.add_argument("--select-crop-sizes", type=int, nargs="+", default=list(CROP_CANDIDATES), metavar="PX",
+                        help="with --select: the candidate nucleus crop sizes (default: %(default)s)")  # fmt: skip
     parser.add_argument("--table-step", type=int, default=None,
                         help="with --table: compare the runs at this checkpoint (default: each run's last)")  # fmt: skip
     return parser.parse_args(argv)
@@ -226,9 +261,10 @@ def probe_settings(pooling: str, layer: int | None):
     return EvaluationSettings(pooling=pooling, layer=layer, protocols=("linear", "knn"), knn_k=10)
 
 
-def select_recipe(runs: list[Path], nuclei, split_seeds, features=FEATURE_CANDIDATES) -> dict:
-    """Every run's final checkpoint probed with every candidate feature on ``nuclei`` (the tuning pool), beside
-    its random-init twin on the same splits, and the one `SELECTION_RULE` picks (None if none qualifies)."""
+def select_recipe(runs: list[Path], nuclei_by_crop: dict, split_seeds, features=FEATURE_CANDIDATES) -> dict:
+    """Every run's final checkpoint probed with every candidate feature on each ``{crop size: nuclei}`` (crops of
+    the tuning pool), beside its random-init twin on the same splits, and the one `SELECTION_RULE` picks (None if
+    none qualifies)."""
     from transformers import AutoConfig
 
     from .learning_curve import checkpoint_steps, learning_curve
@@ -239,16 +275,17 @@ def select_recipe(runs: list[Path], nuclei, split_seeds, features=FEATURE_CANDID
         if not checkpoint_steps(run):
             raise ValueError(f"--select {run}: no finished checkpoint in {run}/checkpoints")
         last = checkpoint_steps(run)[-1][0]
-        for pooling, layer in features:
-            if pooling == "cls+mean" and config.model_type == "histomim_convnext":
-                continue  # feature maps have no CLS token
-            settings = probe_settings(pooling, layer)
-            twin, point = learning_curve(run, nuclei, settings, split_seeds, config=config, steps=[last])
-            rows.append({"run": str(run), "objective": config.objective, "mask_ratio": config.mask_ratio,
-                         "features": settings.features, "step": last, "summary": point["summary"],
-                         "twin": twin["summary"]})  # fmt: skip
-    return {"rule": SELECTION_RULE, "data": nuclei.description, "split_seeds": list(split_seeds), "rows": rows,
-            "chosen": chosen_by_rule(rows)}  # fmt: skip
+        for crop_size, nuclei in nuclei_by_crop.items():
+            for pooling, layer in features:
+                if pooling == "cls+mean" and config.model_type == "histomim_convnext":
+                    continue  # feature maps have no CLS token
+                settings = probe_settings(pooling, layer)
+                twin, point = learning_curve(run, nuclei, settings, split_seeds, config=config, steps=[last])
+                rows.append({"run": str(run), "objective": config.objective, "mask_ratio": config.mask_ratio,
+                             "features": settings.features, "crop_size": crop_size, "step": last,
+                             "summary": point["summary"], "twin": twin["summary"]})  # fmt: skip
+    return {"rule": SELECTION_RULE, "data": {crop: nuclei.description for crop, nuclei in nuclei_by_crop.items()},
+            "split_seeds": list(split_seeds), "rows": rows, "chosen": chosen_by_rule(rows)}  # fmt: skip
 
 
 def chosen_by_rule(rows: list[dict]) -> dict | None:
@@ -261,14 +298,14 @@ def selection_table(selection: dict) -> str:
     """The markdown table of `select_recipe`'s rows (run, objective, features), the chosen one in bold."""
     lines = [f"| run {TABLE_HEADER}", separator(f"| run {TABLE_HEADER}")]
     for row in selection["rows"]:
-        name = f"{row['objective']} ({row['mask_ratio']}), {row['features']}"
+        name = f"{row['objective']} ({row['mask_ratio']}), {row['features']}, {row.get('crop_size', 32)} px"
         run = Path(row["run"]).name
         lines.append(f"| {'**' + run + '**' if row is selection['chosen'] else run} " + table_cells(name, row))
     return "\n".join(lines)
 
 
 # a row: both protocols, each as score, twin, paired difference, splits won and the corrected t-test's p
-TABLE_HEADER = ("| objective (mask ratio), features | steps | linear probe | random init | paired difference | splits won | "
+TABLE_HEADER = ("| objective (mask ratio), features, crop | steps | linear probe | random init | paired difference | splits won | "
                 "p | kNN | random init | paired difference | splits won | p |")  # fmt: skip
 
 
@@ -307,17 +344,15 @@ def objectives_table(reports: list[Path], step: int | None = None) -> str:
                  "twin": curve_point(0, twin_scores, twin_scores, test_fraction)["summary"]}  # fmt: skip
         layer = report["settings"]["layer"]
         name = (f"{report['objective']} ({report['mask_ratio']}), {report['settings']['pooling']}/"
-                f"{'last' if layer is None else f'layer{layer}'}")  # fmt: skip
+                f"{'last' if layer is None else f'layer{layer}'}, {report.get('crop_size', 32)} px")  # fmt: skip
         lines.append(f"| {Path(path).parent.name} " + table_cells(name, point))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    from ..data.samples import sample_nuclei_pairs
     from ..presets import config_source
     from ..training.arguments import parse_pretrain_arguments
     from ..training.pretrain import load_model_config, pretrain
-    from .data import nucleus_crops
     from .harness import save_report
     from .learning_curve import learning_curve, save_learning_curve_plot
 
@@ -326,12 +361,13 @@ def main(argv=None) -> int:
         print(objectives_table(args.table, args.table_step))
         return 0
     if args.select:  # always on the tuning pool: the reported nuclei never choose anything
-        nuclei = nucleus_pools(nucleus_crops(sample_nuclei_pairs(), crop_size=32))["tune"]
-        selection = select_recipe(args.select, nuclei, range(args.split_seeds))
+        nuclei_by_crop = {crop: recipe_nuclei("tune", crop) for crop in args.select_crop_sizes}
+        selection = select_recipe(args.select, nuclei_by_crop, range(args.split_seeds), features=args.select_features)
         save_report(selection, args.select[0].parent / "recipe_selection.json")
         chosen = selection["chosen"]
         print(f"{selection_table(selection)}\n\nrule: {SELECTION_RULE}")
-        print(f"chosen: {chosen['run']} with {chosen['features']} features" if chosen else "chosen: none qualifies")
+        print(f"chosen: {chosen['run']} with {chosen['features']} features of {chosen['crop_size']} px crops" if chosen
+              else "chosen: none qualifies")  # fmt: skip
         return 0
     # shared by the runs of every objective
     tiles = args.output_dir.parent / ("recipe_tiles" if args.tiles == "grid" else "recipe_nucleus_tiles")
@@ -351,15 +387,18 @@ def main(argv=None) -> int:
         pretrain(pretrain_args)
     config = load_model_config(pretrain_args, None)
 
-    nuclei = nucleus_pools(nucleus_crops(sample_nuclei_pairs(), crop_size=32))[args.pool]
+    nuclei = recipe_nuclei(args.pool, args.crop_size)
     settings = probe_settings(args.pooling, args.layer)
     points = learning_curve(args.output_dir, nuclei, settings, split_seeds=range(args.split_seeds), config=config)
-    name = f"learning_curve_{args.pool}_{settings.features.replace('/', '-')}"  # e.g. learning_curve_report_mean-last
+    # e.g. learning_curve_report_mean-last (the 32 px crops of the earlier rounds), learning_curve_report_mean-last_64px
+    crop = "" if args.crop_size == 32 else f"_{args.crop_size}px"
+    name = f"learning_curve_{args.pool}_{settings.features.replace('/', '-')}{crop}"
     figure = args.figure or args.output_dir / f"{name}.png"
     title = (f"{Path(preset).name}, {config.objective.upper()} mask {config.mask_ratio}: nucleus type, {args.pool} pool "
-             f"({len(nuclei)} nuclei), {settings.features} features, {args.split_seeds} splits")  # fmt: skip
+             f"({len(nuclei)} nuclei), {settings.features} features of {args.crop_size} px crops, {args.split_seeds} splits")  # fmt: skip
     save_learning_curve_plot(points, figure, title=title)
     report = {"preset": config_source(preset), "objective": config.objective, "mask_ratio": config.mask_ratio, "tiles": args.tiles,
+              "crop_size": args.crop_size,
               "pretraining": vars(pretrain_args), "data": nuclei.description, "settings": vars(settings),
               "split_seeds": list(range(args.split_seeds)), "points": points}  # fmt: skip
     save_report(report, args.output_dir / f"{name}.json")
@@ -374,5 +413,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "recipe_nucleus_tiles", "nucleus_pools", "train_tokenizer", "preset_for", "probe_settings",
+__all__ = ["cut_tiles", "cut_slide_tiles", "recipe_tiles", "recipe_nucleus_tiles", "nucleus_pools", "recipe_nuclei", "train_tokenizer", "preset_for", "probe_settings",
            "select_recipe", "chosen_by_rule", "selection_table", "objectives_table", "main"]
