@@ -214,12 +214,17 @@ def test_objectives_table_puts_each_run_beside_its_twin(tmp_path):
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|") == 14
     p_mae = corrected_paired_p(np.array([0.2, 0.1]), 0.3)
-    assert lines[2].startswith(f"| {tmp_path.name} | mae (0.5), mean/layer2 | 300 | 0.750 ± 0.050 | 0.600 ± 0.000 | +0.150 ± 0.050 | 2/2 | {p_mae:.3f} |")
+    assert lines[2].startswith(f"| {tmp_path.name} | mae (0.5), mean/layer2, 32 px | 300 | 0.750 ± 0.050 | 0.600 ± 0.000 | +0.150 ± 0.050 | 2/2 | {p_mae:.3f} |")
     assert "| -0.050 ± 0.050 | 0/2 |" in lines[3]
     at_start = objectives_table([tmp_path / "mae.json"], step=0).splitlines()[2]
-    assert at_start.startswith(f"| {tmp_path.name} | mae (0.5), mean/layer2 | 0 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.000 ± 0.000 | 0/2 | 1.000 |")
+    assert at_start.startswith(f"| {tmp_path.name} | mae (0.5), mean/layer2, 32 px | 0 | 0.600 ± 0.000 | 0.600 ± 0.000 | +0.000 ± 0.000 | 0/2 | 1.000 |")
     with pytest.raises(ValueError, match="mae.json: no checkpoint at step 100; it has steps"):
         objectives_table([tmp_path / "mae.json"], step=100)
+    # a report copied away from its run (as into docs/) is named by the run it records, with its crop size
+    copied = json.loads((tmp_path / "mae.json").read_text()) | {"pretraining": {"output_dir": "outputs/nano-5000"}, "crop_size": 64}
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "mae.json").write_text(json.dumps(copied))
+    assert objectives_table([tmp_path / "docs" / "mae.json"]).splitlines()[2].startswith("| nano-5000 | mae (0.5), mean/layer2, 64 px | 300 |")
 
 
 def test_recipe_command_line(capsys):

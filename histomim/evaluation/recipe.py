@@ -328,7 +328,7 @@ def table_cells(name: str, point: dict) -> str:
 
 
 def objectives_table(reports: list[Path], step: int | None = None) -> str:
-    """A markdown table of each recipe run (its JSON report, named by its folder) at checkpoint ``step`` (default: its last) beside its
+    """A markdown table of each recipe run (its JSON report, named by its pretraining folder) at checkpoint ``step`` (default: its last) beside its
     random-init twin, summarised again from the per-split scores (so older reports get their p-values too)."""
     from .learning_curve import curve_point
 
@@ -345,7 +345,8 @@ def objectives_table(reports: list[Path], step: int | None = None) -> str:
         layer = report["settings"]["layer"]
         name = (f"{report['objective']} ({report['mask_ratio']}), {report['settings']['pooling']}/"
                 f"{'last' if layer is None else f'layer{layer}'}, {report.get('crop_size', 32)} px")  # fmt: skip
-        lines.append(f"| {Path(path).parent.name} " + table_cells(name, point))
+        run = report.get("pretraining", {}).get("output_dir") or Path(path).parent  # reports copied elsewhere keep their run
+        lines.append(f"| {Path(run).name} " + table_cells(name, point))
     return "\n".join(lines)
 
 
