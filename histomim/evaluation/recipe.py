@@ -27,6 +27,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .embeddings import POOLINGS
+
 PRESET = "histomim-vit-nano-nuclei"
 # the ConvNeXt of the same size for FCMAE: 32 px, a 1 px stem and 3 stages (stride 4), so its mask unit and
 # its last feature map (8 x 8) are the ViT's 4 px patches and token grid
@@ -41,6 +43,8 @@ FEATURE_CANDIDATES = (("mean", 1), ("mean", 2), ("mean", 3), ("mean", None), ("c
 # the nucleus crops `select_recipe` tries: the bare nucleus at the model's 32 px, or 64 px of context around it brought
 # to 32 px by the image processor, the scale at which the pretraining crop shows the 48-64 px tiles
 CROP_CANDIDATES = (32, 64)
+# the crop of every report and selection written before --crop-size existed, which they do not record
+EARLIER_CROP_SIZE = 32
 SELECTION_RULE = ("on the tuning pool, at each run's final checkpoint: among the (run, features) whose linear-probe "
                   "and kNN paired differences to the twin are both positive, the largest linear-probe difference")
 POOL_SEED, TUNE_FRACTION = 0, 0.4  # the fixed partition of the nuclei into the tuning and the reported pool
@@ -156,7 +160,7 @@ def feature_name(pooling: str, layer: int | None) -> str:
 def feature_choice(value: str) -> tuple[str, int | None]:
     """``--select-features`` item ``POOLING/LAYER`` (e.g. ``mean/2``, ``mean/last``) -> (pooling, layer or None)."""
     pooling, _, layer = value.partition("/")
-    if pooling not in ("cls", "mean", "cls+mean") or not layer:
+    if pooling not in POOLINGS or not layer:
         raise argparse.ArgumentTypeError(f"--select-features takes POOLING/LAYER such as mean/2 or cls+mean/last, not {value!r}")
     return pooling, layer_choice(layer)
 
@@ -222,7 +226,7 @@ def parse_args(argv=None):
                         help="the nuclei to evaluate on: 'tune' (choose settings here) or 'report' (default: %(default)s)")  # fmt: skip
     parser.add_argument("--split-seeds", type=int, default=20,
                         help="stratified 70/30 splits of the pool, seeds 0..N-1, every encoder on the same ones (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--pooling", choices=("cls", "mean", "cls+mean"), default=RECIPE["pooling"],
+    parser.add_argument("--pooling", choices=POOLINGS, default=RECIPE["pooling"],
                         help="probe features: CLS, mean of the patch tokens or both (default: %(default)s)")  # fmt: skip
     parser.add_argument("--layer", type=layer_choice, default=RECIPE["layer"],
                         help="probe features from hidden_states[LAYER] (0: patch embedding, 1..4: the blocks, before the "
@@ -298,10 +302,15 @@ def selection_table(selection: dict) -> str:
     """The markdown table of `select_recipe`'s rows (run, objective, features), the chosen one in bold."""
     lines = [f"| run {TABLE_HEADER}", separator(f"| run {TABLE_HEADER}")]
     for row in selection["rows"]:
-        name = f"{row['objective']} ({row['mask_ratio']}), {row['features']}, {row.get('crop_size', 32)} px"
+        name = probed_name(row["objective"], row["mask_ratio"], row["features"], row.get("crop_size"))
         run = Path(row["run"]).name
         lines.append(f"| {'**' + run + '**' if row is selection['chosen'] else run} " + table_cells(name, row))
     return "\n".join(lines)
+
+
+def probed_name(objective: str, mask_ratio: float, features: str, crop_size: int | None) -> str:
+    """What a table row probed, e.g. ``mae (0.5), mean/layer2, 64 px`` (reports without a crop: `EARLIER_CROP_SIZE`)."""
+    return f"{objective} ({mask_ratio}), {features}, {crop_size or EARLIER_CROP_SIZE} px"
 
 
 # a row: both protocols, each as score, twin, paired difference, splits won and the corrected t-test's p
@@ -342,9 +351,8 @@ def objectives_table(reports: list[Path], step: int | None = None) -> str:
         test_fraction, twin_scores = report["settings"]["test_size"], report["points"][0]["scores"]
         point = {**curve_point(chosen["step"], chosen["scores"], twin_scores, test_fraction),
                  "twin": curve_point(0, twin_scores, twin_scores, test_fraction)["summary"]}  # fmt: skip
-        layer = report["settings"]["layer"]
-        name = (f"{report['objective']} ({report['mask_ratio']}), {report['settings']['pooling']}/"
-                f"{'last' if layer is None else f'layer{layer}'}, {report.get('crop_size', 32)} px")  # fmt: skip
+        features = probe_settings(report["settings"]["pooling"], report["settings"]["layer"]).features
+        name = probed_name(report["objective"], report["mask_ratio"], features, report.get("crop_size"))
         run = report.get("pretraining", {}).get("output_dir") or Path(path).parent  # reports copied elsewhere keep their run
         lines.append(f"| {Path(run).name} " + table_cells(name, point))
     return "\n".join(lines)
@@ -391,8 +399,8 @@ def main(argv=None) -> int:
     nuclei = recipe_nuclei(args.pool, args.crop_size)
     settings = probe_settings(args.pooling, args.layer)
     points = learning_curve(args.output_dir, nuclei, settings, split_seeds=range(args.split_seeds), config=config)
-    # e.g. learning_curve_report_mean-last (the 32 px crops of the earlier rounds), learning_curve_report_mean-last_64px
-    crop = "" if args.crop_size == 32 else f"_{args.crop_size}px"
+    # e.g. learning_curve_report_mean-last (the crops of the earlier rounds), learning_curve_report_mean-last_64px
+    crop = "" if args.crop_size == EARLIER_CROP_SIZE else f"_{args.crop_size}px"
     name = f"learning_curve_{args.pool}_{settings.features.replace('/', '-')}{crop}"
     figure = args.figure or args.output_dir / f"{name}.png"
     title = (f"{Path(preset).name}, {config.objective.upper()} mask {config.mask_ratio}: nucleus type, {args.pool} pool "
